@@ -34,21 +34,32 @@ def adapter_tensors(model: LoraModel, name: str) -> dict[str, torch.Tensor]:
     from .model import ModulesToSave
 
     out: dict[str, torch.Tensor] = {}
+    # Parameters inside a ModulesToSave copy: PEFT's name for them ("<path>.modules_to_save.<param>", as its
+    # bias="all" writes them), or None for another adapter's copy. loratune's ".copies.<name>." is internal.
+    in_copies: dict[int, str | None] = {}
     for path, module in model.model.named_modules():
         if isinstance(module, LoraLayer) and name in module.adapters:
             ad = module.adapters[name]
             key_a, key_b = module.peft_keys
             out[f"{PREFIX}{path}.{key_a}"] = ad.lora_A
             out[f"{PREFIX}{path}.{key_b}"] = ad.lora_B
-        elif isinstance(module, ModulesToSave) and name in module.copies:
-            for pname, p in module.copies[name].named_parameters():
-                out[f"{PREFIX}{path}.{pname}"] = p
+        elif isinstance(module, ModulesToSave):
+            for copy_name, copy_module in module.copies.items():
+                for pname, p in copy_module.named_parameters():
+                    in_copies[id(p)] = f"{PREFIX}{path}.modules_to_save.{pname}" if copy_name == name else None
+                    if copy_name == name:
+                        out[f"{PREFIX}{path}.{pname}"] = p
     bias = model.peft_config[name].bias
     if bias != "none":
-        ids = {id(p) for p in model._bias_params(bias)}
+        # PEFT's bias="all" file holds every bias, trainable or not (a head's frozen original_module's too).
+        params = model._bias_params(bias) if bias != "all" else \
+            [m.bias for m in model.model.modules() if isinstance(getattr(m, "bias", None), torch.nn.Parameter)]
+        ids = {id(p) for p in params}
         for pname, p in model.model.named_parameters():
             if id(p) in ids:
-                out[f"{PREFIX}{pname}"] = p
+                key = in_copies.get(id(p), f"{PREFIX}{pname}")
+                if key is not None:
+                    out[key] = p
     return out
 
 

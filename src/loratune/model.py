@@ -93,9 +93,8 @@ class LoraModel(nn.Module):
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(SEQ_CLS_HEADS))
         self._inject(adapter_name, config)
         self.peft_config[adapter_name] = config
-        if not self.active_adapters:
-            self.active_adapters = [adapter_name]
-        self._update_trainable()
+        # A new adapter is not active (layers it alone targets must not switch it on), unless it is the first.
+        self.set_adapter(self.active_adapters or [adapter_name])
 
     def _inject(self, name: str, cfg: LoraConfig) -> None:
         # Scan first, change nothing until the whole config is known to fit.
@@ -113,8 +112,9 @@ class LoraModel(nn.Module):
             if cls is None or not path:
                 continue
             targetable.add(path.rsplit(".", 1)[-1])
+            exact = isinstance(cfg.target_modules, list) and path in cfg.target_modules  # PEFT: no layer filter
             if (name_matches(path, cfg.target_modules) and not name_matches(path, cfg.exclude_modules)
-                    and in_layers(path, cfg.layers_to_transform, cfg.layers_pattern)):
+                    and (exact or in_layers(path, cfg.layers_to_transform, cfg.layers_pattern))):
                 matched.append((path, module, cls))
         if not matched:
             raise ConfigError(f"target_modules={cfg.target_modules!r} matched no module of "
@@ -186,9 +186,11 @@ class LoraModel(nn.Module):
                 p.requires_grad_(True)
 
     def _bias_params(self, mode: str) -> list[nn.Parameter]:
-        if mode == "all":
+        if mode == "all":  # every bias but those of the frozen originals behind modules_to_save
+            frozen = {id(p) for m in self.model.modules() if isinstance(m, ModulesToSave)
+                      for p in m.original_module.parameters()}
             return [m.bias for m in self.model.modules()
-                    if isinstance(getattr(m, "bias", None), nn.Parameter)]
+                    if isinstance(getattr(m, "bias", None), nn.Parameter) and id(m.bias) not in frozen]
         if mode == "lora_only":
             return [m.base_layer.bias for _, m in self.lora_layers()
                     if isinstance(getattr(m.base_layer, "bias", None), nn.Parameter)]

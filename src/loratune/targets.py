@@ -23,10 +23,10 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
     """The block index in a name like ``model.layers.3.self_attn.q_proj`` (None if it has none)."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
     if not patterns:
-        m = re.match(r".*\.[^.]*\.(\d+)\.", name)
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)  # the first numbered block, as PEFT reads it
         return int(m.group(1)) if m else None
     for p in patterns:
-        m = re.match(rf".*\.{p}\.(\d+)\.", name)
+        m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name)
         if m:
             return int(m.group(1))
     return None
