@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -12,6 +16,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from loratune.base_models import resolve_model_path
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,3 +76,26 @@ def llama():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (and chat template), saved as an HF folder."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"What is {i} plus {i + 1}?", "completion": str(2 * i + 1)} for i in range(40)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    return d / "train.jsonl", d / "eval.jsonl"

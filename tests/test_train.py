@@ -11,36 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from loratune.base_models import resolve_model_path
 from loratune.runconfig import load_run_config
 from loratune.train import TrainingError, latest_checkpoint, lr_lambda, make_optimizer, train
 
 from conftest import rel_err
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer (and chat template), saved as an HF folder."""
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"What is {i} plus {i + 1}?", "completion": str(2 * i + 1)} for i in range(40)]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
-    return d / "train.jsonl", d / "eval.jsonl"
 
 
 def _cfg(tiny_dir, data_files, out, *extra):

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line that matters
     try:
         return COMMANDS[args.command](args) or 0
     except LoraTuneError as e:

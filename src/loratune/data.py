@@ -275,7 +275,9 @@ def _clean(rows: list[dict], fmt: str, label: str, path: str, report: list[Step]
     missing = [(n, _missing(r, fmt)) for n, r in enumerate(rows, 1) if _missing(r, fmt)]
     if missing:
         keys = ", ".join(repr(k) for k in sorted({k for _, ks in missing for k in ks}))
-        raise DataError(f"{path}: rows {_rows_list([n for n, _ in missing])} lack {keys} "
+        numbers = [n for n, _ in missing]
+        which = f"rows {_rows_list(numbers)} lack" if len(numbers) > 1 else f"row {numbers[0]} lacks"
+        raise DataError(f"{path}: {which} {keys} "
                         f"(format {fmt}); fix those rows or set data.format")
     stripped, bad, kept = 0, [], []
     for n, row in enumerate(rows, 1):

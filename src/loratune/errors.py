@@ -27,6 +27,9 @@ class DataError(LoraTuneError, ValueError):
 
 
 def closest(name: str, choices: Iterable[str]) -> str:
-    """A ' (did you mean X?)' hint for a misspelt name, or '' if nothing is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """A ' (did you mean X?)' hint for a misspelt name; the valid names when none is close."""
+    choices = sorted(choices)
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.4)
+    if match:
+        return f" (did you mean '{match[0]}'?)"
+    return f" (valid: {', '.join(choices)})" if choices else ""

@@ -132,6 +132,9 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
     )
     if not cfg.data.train:
         raise ConfigError("data.train is required: the path of a jsonl/json/csv/parquet training file")
+    for key, f in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if f and not Path(f).is_file():  # fail before a model is loaded, not after
+            raise ConfigError(f"{key}: data file {f} does not exist; check the path")
     cfg.lora_config()  # validate now, not after the model has loaded
     return cfg
 
