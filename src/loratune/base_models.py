@@ -70,21 +70,11 @@ def _cached_gguf(gguf: Path, name: str) -> Path:
     target = cache_dir() / f"{name}-{st.st_size}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting {gguf.name} to HF format once (about 30 s); cached in {target}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF loader tags the config as quantized, but the weights are already de-quantized to fp32:
-    # save_pretrained refuses a quantized config, and a plain copy is what we want anyway.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        _convert_gguf(gguf, tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep theirs
@@ -93,6 +83,20 @@ def _cached_gguf(gguf: Path, name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader tags the config as quantized, but the weights are already de-quantized to fp32:
+    # save_pretrained refuses a quantized config, and a plain copy is what we want anyway.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
 
 
 def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: str | None = None,
