@@ -232,15 +232,17 @@ def print_table(rows: dict[str, dict]) -> None:
 
 
 def print_summary(history: list[dict], seconds: float, adapter_dir: Path) -> None:
+    """The end-of-run table: train and eval loss at the start, the end and their best."""
     if not history:
         return
-    last = history[-1]
-    first = history[0]
-    ev = [h for h in history if "eval_loss" in h]
-    print(f"steps {last['step']}  train loss {first['loss']:.4f} -> {last['loss']:.4f}"
-          + (f"  eval loss {ev[-1]['eval_loss']:.4f}" if ev else "")
-          + f"  {seconds:.0f} s  {last['tokens_per_s']:.0f} tok/s")
-    print(f"adapter: {adapter_dir}")
+    ev = [h["eval_loss"] for h in history if "eval_loss" in h]
+    tr = [h["loss"] for h in history]
+    print(f"\n{'':12s}{'first':>10s}{'last':>10s}{'best':>10s}")
+    print(f"{'train loss':12s}{tr[0]:>10.4f}{tr[-1]:>10.4f}{min(tr):>10.4f}")
+    if ev:
+        print(f"{'eval loss':12s}{ev[0]:>10.4f}{ev[-1]:>10.4f}{min(ev):>10.4f}")
+    print(f"steps {history[-1]['step']} · {seconds:.0f} s · {history[-1]['tokens_per_s']:.0f} tokens/s · "
+          f"adapter {adapter_dir}")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
