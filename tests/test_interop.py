@@ -3,7 +3,7 @@
 A: loratune makes a random adapter and saves it; PEFT loads it onto a copy of the same base -> same logits.
 B: PEFT makes a random adapter and saves it; loratune loads it onto a copy of the same base -> same logits.
 Also: saved key sets and shapes, adapter_config.json readable by PEFT, and trainable parameter counts.
-Cases where loratune still differs from PEFT are xfail with the cause as reason (``KNOWN_BUGS``); they
+Cases where loratune differs from PEFT by design are xfail with the cause as reason (``KNOWN_DIFFERENCES``); they
 start passing (XPASS) once fixed, and the marker should then go.
 """
 
@@ -165,7 +165,7 @@ CASES = {
 # Known loratune bugs (see the module docstring): (case, test kinds it breaks) -> reason.
 _PADDING_MODE = ("ConvLora.lora_term runs A through the base's _conv_forward, so a padding_mode='reflect' base pads "
                  "the LoRA path by reflection; PEFT's lora_A is a plain conv (zero padding): outputs differ")
-KNOWN_BUGS = {
+KNOWN_DIFFERENCES = {
     # By design: loratune pads the LoRA path like the base conv, so unmerged output equals merged output;
     # PEFT zero-pads lora_A, so its unmerged and merged outputs differ for non-zero padding modes.
     ("conv2d-reflect-padding", "A"): _PADDING_MODE, ("conv2d-reflect-padding", "B"): _PADDING_MODE,
@@ -173,8 +173,8 @@ KNOWN_BUGS = {
 
 
 def cases(kind: str) -> list:
-    return [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_BUGS[c, kind]), id=c)
-            if (c, kind) in KNOWN_BUGS else pytest.param(c, id=c) for c in CASES]
+    return [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_DIFFERENCES[c, kind]), id=c)
+            if (c, kind) in KNOWN_DIFFERENCES else pytest.param(c, id=c) for c in CASES]
 
 
 def out_tensor(out) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import functional as LF
+from . import fused
 from .errors import LoraTuneError
 
 BASE = "__base__"  # name of "no adapter" in per-row adapter selection, as in PEFT
@@ -161,6 +162,33 @@ class LinearLora(LoraLayer):
     def lora_term(self, x, ad):
         return LF.lora_linear_reference(x.to(ad.lora_A.dtype), ad.lora_A, ad.lora_B, ad.scaling,
                                         ad.dropout, self.training)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ad = self._fast_adapter(x, args, kwargs)
+        if ad is None:
+            return super().forward(x, *args, **kwargs)
+        w = self.weight.t() if self.fan_in_fan_out else self.weight  # (out, in) either way; a view, no copy
+        return fused.lora_linear(x, w, self.base_layer.bias, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout,
+                                 self.training, consumer=self)
+
+    def _fast_adapter(self, x, args, kwargs) -> LoraAdapter | None:
+        """The one adapter the fused path can run, or None where only the general path is right.
+
+        The fused path covers the common case: one active unmerged adapter, a plain Linear/Conv1D base with a
+        frozen weight, x in the weights' dtype, no autocast. Mixed batches, several adapters, merged or disabled
+        adapters, subclassed (e.g. quantized) bases and trainable base weights take the general path.
+        """
+        if not fused.is_enabled() or args or kwargs or self.disabled or self.row_adapters is not None:
+            return None
+        if len(self.active) != 1 or self.merged or type(self.base_layer) not in (nn.Linear, Conv1D):
+            return None
+        ad = self.adapters[self.active[0]]
+        w = self.weight
+        if w.requires_grad or not (x.dtype == w.dtype == ad.lora_A.dtype) or not 0 <= ad.dropout < 1:
+            return None
+        if torch.is_autocast_enabled(x.device.type) or x.device != w.device or x.dim() < 1:
+            return None
+        return ad
 
     def delta_weight(self, name):
         ad = self.adapters[name]

@@ -1,0 +1,288 @@
+"""Time and memory of one LoRA training step (forward + backward, no optimizer) against its floor and PEFT.
+
+On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, for each LoRA configuration:
+
+* floor:    the frozen model's forward + backward to the input embeddings (inputs_embeds.requires_grad), with
+            transformers' own ``labels=`` loss (floor_chunked: the same with loratune's chunked loss);
+* loratune: loratune's step: ``causal_lm_loss(lora_model, ...)`` (fused LoRA linears, chunked loss) + backward;
+* PEFT:     PEFT's step with the same LoRA config and the same adapter weights: ``model(labels=...).loss.backward()``.
+
+The three are interleaved, repeated, and compared by medians. Peak memory is the growth of the process's resident
+set during one step (Linux VmHWM after resetting it), with the allocator made to return freed memory at once.
+
+    python benchmarks/train_step.py              # timings at 4×128, memory at 8×512 (a few minutes on 2 cores)
+    python benchmarks/train_step.py --json out.json --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    "all-linear r16 dropout0.05": dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
+    "all-linear r16 dropout0": dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
+    "q,v r8 dropout0": dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+}
+
+
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return input_ids, torch.ones_like(input_ids), input_ids.clone()
+
+
+# --- the three steps -------------------------------------------------------------------------------------------
+def floor_step(model, batch):
+    input_ids, mask, labels = batch
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
+
+
+def floor_chunked_step(model, batch):
+    """The floor with loratune's loss (``causal_lm_loss``), so loratune/floor_chunked isolates the LoRA layers."""
+    from loratune.losses import causal_lm_loss
+
+    input_ids, mask, labels = batch
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    causal_lm_loss(model, None, mask, labels, inputs_embeds=embeds).backward()
+
+
+def loratune_step(model, batch):
+    from loratune.losses import causal_lm_loss
+
+    input_ids, mask, labels = batch
+    causal_lm_loss(model, input_ids, mask, labels).backward()
+
+
+def peft_step(model, batch):
+    input_ids, mask, labels = batch
+    model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+
+
+def zero_grads(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+def build_models(cfg: dict):
+    """(frozen base, loratune model, PEFT model) with identical, non-trivial adapter weights."""
+    import peft
+
+    from loratune import LoraConfig, get_lora_model, load_base_model
+    from loratune.io import adapter_tensors
+
+    base, _ = load_base_model()
+    base.requires_grad_(False)
+    torch.manual_seed(0)
+    lt = get_lora_model(load_base_model()[0], LoraConfig(**cfg, init_lora_weights=False))
+    pcfg = peft.LoraConfig(**{k: v for k, v in cfg.items()}, task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(load_base_model()[0], pcfg)
+    weights = {k: v.detach().clone() for k, v in adapter_tensors(lt, "default").items()}
+    result = peft.set_peft_model_state_dict(pm, weights)
+    assert not result.unexpected_keys, result.unexpected_keys
+    for m in (base, lt, pm):
+        m.train()
+    return base, lt, pm
+
+
+def check_same_function(lt, pm, batch) -> float:
+    """|loss_loratune - loss_PEFT| without dropout: the same adapters must give the same loss."""
+    from loratune.losses import causal_lm_loss
+
+    lt.eval(), pm.eval()
+    with torch.no_grad():
+        a = causal_lm_loss(lt, *batch).item()
+        b = pm(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss.item()
+    lt.train(), pm.train()
+    return abs(a - b)
+
+
+# --- measurements ----------------------------------------------------------------------------------------------
+def timed(step, model, batch) -> float:
+    start = time.perf_counter()
+    step(model, batch)
+    elapsed = time.perf_counter() - start
+    zero_grads(model)
+    return elapsed
+
+
+_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def exact_rss_accounting():
+    """Make glibc return freed blocks at once (fixed mmap threshold), so the RSS follows live tensors."""
+    if _libc is not None:
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        _libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        _libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_step_memory_mb(step, model, batch) -> float | None:
+    """The growth of the resident set during one step, in MiB (Linux only)."""
+    if _libc is None:
+        return None
+    gc.collect()
+    _libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    step(model, batch)
+    peak = _status_kb("VmHWM")
+    zero_grads(model)
+    return (peak - before) / 1024
+
+
+def bench_config(name: str, cfg: dict, args) -> dict:
+    base, lt, pm = build_models(cfg)
+    vocab = base.config.vocab_size
+    small = make_batch(args.batch, args.seq, vocab)
+    diff = check_same_function(lt, pm, small)
+    steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
+             "loratune": (loratune_step, lt), "peft": (peft_step, pm)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for step, model in steps.values():  # warm-up
+        timed(step, model, small)
+    for i in range(args.repeats):
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))  # interleaved, alternating order
+        for k in order:
+            times[k].append(timed(steps[k][0], steps[k][1], small))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {
+        "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": diff,
+        "median_s": med, "all_s": times,
+        "loratune_over_floor": med["loratune"] / med["floor"], "loratune_over_peft": med["loratune"] / med["peft"],
+        "loratune_over_floor_chunked": med["loratune"] / med["floor_chunked"],
+        "peft_over_floor": med["peft"] / med["floor"],
+    }
+    del base, lt, pm
+    gc.collect()
+    return out
+
+
+def memory_config(cfg: dict, args, with_floor: bool) -> dict:
+    """Peak step memory of (floor,) loratune and PEFT at the large batch (run after all timings: see main)."""
+    base, lt, pm = build_models(cfg)
+    big = make_batch(args.mem_batch, args.mem_seq, base.config.vocab_size)
+    steps = {"loratune": (loratune_step, lt), "peft": (peft_step, pm)}
+    if with_floor:  # the floor does not depend on the LoRA config
+        steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base), **steps}
+    peaks = {k: peak_step_memory_mb(step, model, big) for k, (step, model) in steps.items()}
+    del base, lt, pm
+    gc.collect()
+    return peaks
+
+
+def bench_inference(cfg: dict, args) -> dict:
+    """No-grad eval forward (logits) at the timing batch: base vs one unmerged adapter vs merged, medians."""
+    base, lt, _ = build_models(cfg)
+    base.eval(), lt.eval()
+    input_ids, mask, _ = make_batch(args.batch, args.seq, base.config.vocab_size)
+
+    def fwd(model):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=mask)
+        return time.perf_counter() - start
+
+    def merged():
+        lt.merge_adapter()  # merge/unmerge are outside the timed forward
+        try:
+            return fwd(lt)
+        finally:
+            lt.unmerge_adapter()
+
+    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), "merged": merged}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for run in runs.values():  # warm-up
+        run()
+    for i in range(max(args.repeats, 1) * 2):
+        for k in list(runs) if i % 2 == 0 else list(reversed(runs)):
+            times[k].append(runs[k]())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s": med, "unmerged_over_base": med["unmerged"] / med["base"],
+            "merged_over_base": med["merged"] / med["base"]}
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'config':28s} {'floor s':>7s} {'fl_chk s':>8s} {'lt s':>6s} {'peft s':>6s} {'lt/floor':>8s} "
+          f"{'lt/fl_chk':>9s} {'lt/peft':>7s} {'peft/fl':>7s} | peak MiB @{results[0].get('memory_tokens', '-')}: "
+          "floor / floor_chunked / loratune / peft")
+    for r in results:
+        m = r["median_s"]
+        mem = r.get("peak_mb")
+        mem_s = " / ".join(f"{mem[k]:.0f}" for k in ("floor", "floor_chunked", "loratune", "peft")) if mem else "-"
+        print(f"{r['config']:28s} {m['floor']:7.3f} {m['floor_chunked']:8.3f} {m['loratune']:6.3f} {m['peft']:6.3f} "
+              f"{r['loratune_over_floor']:8.3f} {r['loratune_over_floor_chunked']:9.3f} {r['loratune_over_peft']:7.3f} "
+              f"{r['peft_over_floor']:7.3f} | {mem_s}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mem-batch", type=int, default=8, help="batch for the peak-memory step (0: skip)")
+    ap.add_argument("--mem-seq", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"any of {list(CONFIGS)}")
+    ap.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time no-grad inference: base vs unmerged vs merged adapter")
+    ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the training steps (--no-train: inference only)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here ('-' for stdout)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.configs if args.train else []:
+        r = bench_config(name, CONFIGS[name], args)
+        results.append(r)
+        print(f"{name}: floor {r['median_s']['floor']:.3f}s loratune {r['median_s']['loratune']:.3f}s "
+              f"peft {r['median_s']['peft']:.3f}s  loratune/floor {r['loratune_over_floor']:.3f} "
+              f"loratune/peft {r['loratune_over_peft']:.3f}  (loss diff vs PEFT {r['loss_diff_vs_peft']:.1e})",
+              flush=True)
+    if args.mem_batch:
+        exact_rss_accounting()  # after the timings: returning memory at once makes every allocation slower
+        floor = {}
+        for r in results:
+            r["memory_tokens"] = f"{args.mem_batch}x{args.mem_seq}"
+            r["peak_mb"] = {**floor, **memory_config(CONFIGS[r["config"]], args, with_floor=not floor)}
+            floor = {k: v for k, v in r["peak_mb"].items() if k.startswith("floor")}
+            print(f"{r['config']}: peak MiB at {r['memory_tokens']} {r['peak_mb']}", flush=True)
+    if results:
+        print_table(results)
+    inference = {}
+    for name in args.configs if args.inference else []:
+        inference[name] = r = bench_inference(CONFIGS[name], args)
+        m = r["median_s"]
+        print(f"inference {name}: base {m['base']:.3f}s unmerged {m['unmerged']:.3f}s merged {m['merged']:.3f}s "
+              f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f}", flush=True)
+    if args.json:
+        text = json.dumps({"torch": torch.__version__, "threads": args.threads, "results": results,
+                           "inference": inference}, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""A causal-LM loss that never holds the full (tokens × vocab) logits.
+
+At 8×512 tokens and SmolLM2's 49,152-word vocabulary, fp32 logits are 805 MB, and transformers' loss keeps three
+tensors that size (logits, log-softmax, their gradient). Here the logits are made ``chunk_size`` tokens at a time;
+each chunk's gradient (softmax - onehot) is turned into the hidden-state gradient right away (``grad_h = G·W``,
+tokens × hidden) and the chunk is dropped. The backward then only scales what the forward stored — the same two
+big matmuls as the plain loss (logits, and their gradient times W), without the vocab-sized activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# Config attributes with which a model's logits are not simply ``lm_head(hidden)``: those models use their own loss.
+_LOGIT_CHANGERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "scale_width",
+                   "output_multiplier_scale", "mup_width_multiplier")
+
+
+def _chunk_logits(hc, weight, bias, acc, buf):
+    """hc·Wᵀ + b in ``acc`` precision, written into ``buf`` (sliced to the chunk's rows) where possible."""
+    if weight.dtype != acc:
+        return F.linear(hc, weight, bias).to(acc)
+    out = None if buf is None else buf[:len(hc)]
+    if bias is None:
+        return torch.mm(hc, weight.t(), out=out) if out is not None else torch.mm(hc, weight.t())
+    return torch.addmm(bias, hc, weight.t(), out=out) if out is not None else torch.addmm(bias, hc, weight.t())
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(h·Wᵀ + b, t) / denom for rows with a target; gradients computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, denom, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        grads = need_h or need_w or need_b
+        acc = torch.promote_types(h.dtype, torch.float32)  # half precision is upcast, float64 stays float64
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        buf = None  # one chunk × vocab buffer for all chunks: fresh big allocations cost page faults on CPU
+        for i in range(0, h.shape[0], chunk_size):
+            hc, tc = h[i:i + chunk_size], targets[i:i + chunk_size]
+            logits = _chunk_logits(hc, weight, bias, acc, buf)  # at least fp32, as transformers does
+            buf = logits if buf is None else buf
+            rows = torch.arange(len(tc), device=h.device)
+            target_logit = logits[rows, tc]
+            # log-sum-exp and softmax in place: max, x - max, exp, sum (torch.logsumexp would allocate a copy)
+            mx = logits.amax(dim=1, keepdim=True)
+            sumexp = logits.sub_(mx).exp_().sum(dim=1)
+            total += (mx.squeeze(1) + sumexp.log() - target_logit).sum()
+            if not grads:
+                continue
+            probs = logits.div_(sumexp[:, None])
+            probs[rows, tc] -= 1  # ∂CE/∂logits = softmax - onehot
+            g = probs.to(weight.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[i:i + chunk_size])
+            if need_w:
+                grad_w.addmm_(g.t().to(acc), hc.to(acc))
+            if need_b:
+                grad_b += probs.sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.denom, ctx.dtypes = denom, (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out / ctx.denom
+        grad_h, grad_w, grad_b = (None if g is None else (g * scale).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes))
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                           chunk_size: int = 1024, lm_head_bias: torch.Tensor | None = None,
+                           num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss for ``logits = hidden_states·Wᵀ (+ b)``, without materializing the logits.
+
+    Position t predicts ``labels[:, t+1]``; labels equal to -100 are ignored; the result is the mean over the
+    predicted tokens (or the sum over ``num_items_in_batch``, as transformers does when given it).
+    hidden_states (..., seq, hidden), lm_head_weight (vocab, hidden), labels (..., seq).
+    """
+    hidden = hidden_states.shape[-1]
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    # Only rows with a target cost a vocab-sized matmul (the last position of each row never has one).
+    h = hidden_states.reshape(-1, hidden).index_select(0, rows)
+    denom = num_items_in_batch if num_items_in_batch is not None else len(rows)
+    denom = denom.to(torch.float32) if torch.is_tensor(denom) else float(denom)  # 0 rows: 0/0 = nan, as torch
+    return _ChunkedCrossEntropy.apply(h, lm_head_weight, lm_head_bias, targets[rows], denom, max(1, chunk_size))
+
+
+def _split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, lm_head) when the model's logits are exactly ``lm_head(backbone(...)[0])``, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    if type(head) is not nn.Linear or not isinstance(backbone, nn.Module) or backbone is model:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_CHANGERS):
+        return None
+    return backbone, head
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                   chunk_size: int = 1024, **kwargs) -> torch.Tensor:
+    """The causal-LM loss of ``model`` (a LoraModel or any *ForCausalLM) on a batch, computed memory-light.
+
+    Runs the backbone for hidden states and ``chunked_causal_lm_loss`` on the output embedding. Models whose
+    logits are more than ``lm_head(hidden)`` (soft-capping, scaled logits, a LoRA'd or wrapped head), mixed-adapter
+    batches and models without an output embedding use the model's own ``labels=`` loss instead. Extra keyword
+    arguments (``inputs_embeds``, ``position_ids``, ``num_items_in_batch``, ...) are passed on.
+    """
+    if labels is None:
+        raise ValueError("causal_lm_loss needs labels")
+    from .model import LoraModel  # here: model.py is not needed to use the loss on a plain model
+
+    hf = model.model if isinstance(model, LoraModel) else model
+    split = _split_lm(hf) if "adapter_names" not in kwargs else None
+    if split is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
+    backbone, head = split
+    n_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.setdefault("use_cache", False)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return chunked_causal_lm_loss(hidden, head.weight, labels, chunk_size, head.bias, n_items)

@@ -1,0 +1,299 @@
+"""The fused LoRA linear against the plain reference: values, gradients, dropout, sibling masks, fallbacks."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune import LoraConfig, fused, get_lora_model
+from loratune import functional as LF
+from loratune.layers import BASE, Conv1DLora, LinearLora
+
+from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def record_masks(monkeypatch):
+    """Every mask the fused path draws, in order (the keep masks, before the 1/(1-p) rescale)."""
+    masks = []
+    draw = fused.dropout_keep_mask
+
+    def recording(shape, p, device):
+        m = draw(shape, p, device)
+        masks.append(m)
+        return m
+
+    monkeypatch.setattr(fused, "dropout_keep_mask", recording)
+    return masks
+
+
+def _reference(x, W, b, A, B, s, mask=None, p=0.0):
+    xd = x if mask is None else x * mask.view(x.shape) / (1 - p)
+    return F.linear(x, W, b) + LF.lora_linear_reference(xd, A, B, s)
+
+
+def _tensors(dtype, n_in=24, n_out=20, r=4, lead=(3, 7)):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    x = mk(*lead, n_in).requires_grad_()
+    W, b = mk(n_out, n_in), mk(n_out).requires_grad_()
+    A, B = mk(r, n_in).requires_grad_(), mk(n_out, r).requires_grad_()
+    return x, W, b, A, B
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_linear_matches_reference(dtype, p, record_masks):
+    x, W, b, A, B = _tensors(dtype)
+    out = fused.lora_linear(x, W, b, A, B, 1.7, p, training=True)
+    mask = record_masks[0] if p else None
+    assert len(record_masks) == (1 if p else 0)
+    ref = _reference(x, W, b, A, B, 1.7, mask, p)
+    assert rel_err(out, ref) <= TOL[dtype]
+    for got, want in zip(_grads(out, [x, b, A, B]), _grads(ref, [x, b, A, B])):
+        assert rel_err(got, want) <= TOL[dtype]
+
+
+def test_eval_and_no_grad_use_no_dropout_and_match(record_masks):
+    x, W, b, A, B = _tensors(torch.float64)
+    ref = _reference(x, W, b, A, B, 0.5)
+    assert rel_err(fused.lora_linear(x, W, b, A, B, 0.5, 0.3, training=False), ref) < 1e-12
+    with torch.no_grad():
+        out = fused.lora_linear(x, W, b, A, B, 0.5, 0.0, training=True)
+    assert not out.requires_grad and rel_err(out, ref) < 1e-12
+    assert record_masks == []
+
+
+def test_only_needed_gradients_are_computed():
+    x, W, b, A, B = _tensors(torch.float32)
+    x = x.detach()
+    out = fused.lora_linear(x, W, None, A, B, 2.0, 0.0, training=True)
+    gA, gB = _grads(out, [A, B])
+    ref = _reference(x, W, None, A, B, 2.0)
+    rA, rB = _grads(ref, [A, B])
+    assert rel_err(gA, rA) <= 1e-5 and rel_err(gB, rB) <= 1e-5
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_rate_is_statistically_right(p):
+    torch.manual_seed(0)
+    n = 2_000_000
+    keep = fused.dropout_keep_mask(torch.Size([n]), p, torch.device("cpu")).double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep - (1 - p)) < 5 * sigma
+
+
+def test_masks_follow_torch_seed_and_differ_between_draws():
+    shape, cpu = torch.Size([64, 64]), torch.device("cpu")
+    torch.manual_seed(3)
+    a, b = fused.dropout_keep_mask(shape, 0.5, cpu), fused.dropout_keep_mask(shape, 0.5, cpu)
+    torch.manual_seed(3)
+    assert torch.equal(fused.dropout_keep_mask(shape, 0.5, cpu), a)
+    assert not torch.equal(a, b)
+
+
+def test_dropout_keeps_the_expectation():
+    torch.manual_seed(0)
+    x, W, b, A, B = _tensors(torch.float64, lead=(20000,))
+    x = x.detach()
+    mean = fused.lora_linear(x, W, b, A, B, 1.0, 0.5, training=True).mean(0)
+    torch.testing.assert_close(mean, _reference(x, W, b, A, B, 1.0).mean(0), rtol=0.05, atol=0.05)
+
+
+def _sibling_layers(p, dtype=torch.float32):
+    torch.manual_seed(0)
+    layers = []
+    for n_out in (16, 8, 8):
+        layer = LinearLora(nn.Linear(24, n_out).to(dtype).requires_grad_(False))
+        layer.add_adapter("a", r=4, lora_alpha=8, dropout=p, use_rslora=False, init=False)
+        layers.append(layer.train())
+    return layers
+
+
+def test_siblings_share_a_mask_and_repeat_calls_do_not(record_masks):
+    q, k, v = _sibling_layers(0.2)
+    x = torch.randn(5, 24)
+    q(x), k(x), v(x)
+    assert len(record_masks) == 1  # one mask for the three modules reading x
+    q(x)
+    assert len(record_masks) == 2  # the same module again: a fresh mask
+    q(x.clone())
+    assert len(record_masks) == 3  # another tensor: a fresh mask
+    x.mul_(1.0)
+    k(x)
+    assert len(record_masks) == 4  # x changed in place: a fresh mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_siblings_match_reference_with_the_same_mask(dtype, record_masks):
+    p = 0.25
+    layers = _sibling_layers(p, dtype)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    outs = [layer(x) for layer in layers]
+    (mask,) = record_masks
+    params = [x] + [t for layer in layers for t in (layer.adapters["a"].lora_A, layer.adapters["a"].lora_B)]
+    torch.manual_seed(9)
+    got = torch.autograd.grad(sum((o * torch.randn_like(o)).sum() for o in outs), params)
+    refs = [_reference(x, layer.weight, layer.base_layer.bias, layer.adapters["a"].lora_A,
+                       layer.adapters["a"].lora_B, layer.adapters["a"].scaling, mask, p) for layer in layers]
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) <= TOL[dtype]
+    torch.manual_seed(9)
+    want = torch.autograd.grad(sum((o * torch.randn_like(o)).sum() for o in refs), params)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= TOL[dtype]
+
+
+def test_conv1d_base_uses_fast_path_and_matches():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1DLora(Conv1D(10, 12).requires_grad_(False))
+    layer.add_adapter("a", r=4, lora_alpha=8, dropout=0.0, use_rslora=False, init=False)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    assert layer._fast_adapter(x, (), {}) is not None
+    out = layer(x)
+    with fused.enabled(False):
+        ref = layer(x)
+    assert rel_err(out, ref) <= 1e-6
+    ad = layer.adapters["a"]
+    for a, b in zip(_grads(out, [x, ad.lora_A, ad.lora_B]), _grads(ref, [x, ad.lora_A, ad.lora_B])):
+        assert rel_err(a, b) <= 1e-5
+
+
+def _two_adapter_layer():
+    torch.manual_seed(0)
+    layer = LinearLora(nn.Linear(12, 10).double().requires_grad_(False))
+    for name in ("a", "b"):
+        layer.add_adapter(name, r=4, lora_alpha=8, dropout=0.0, use_rslora=False, init=False)
+    return layer
+
+
+def _same_with_and_without_fast_path(layer, x):
+    out = layer(x)
+    with fused.enabled(False):
+        ref = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fallbacks_give_the_general_path():
+    layer, x = _two_adapter_layer(), torch.randn(4, 3, 12, dtype=torch.float64)
+    layer.active = ["a", "b"]  # several adapters: general path
+    assert layer._fast_adapter(x, (), {}) is None
+    _same_with_and_without_fast_path(layer, x)
+    layer.active = ["a"]
+    assert layer._fast_adapter(x, (), {}) is not None
+    _same_with_and_without_fast_path(layer, x)
+    layer.row_adapters = ["a", "b", BASE, "a"]  # mixed batch
+    assert layer._fast_adapter(x, (), {}) is None
+    _same_with_and_without_fast_path(layer, x)
+    layer.row_adapters = None
+    layer.merge(["a"])  # merged: the base alone computes it
+    assert layer._fast_adapter(x, (), {}) is None
+    _same_with_and_without_fast_path(layer, x)
+    layer.unmerge()
+    layer.disabled = True
+    assert layer._fast_adapter(x, (), {}) is None
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    layer.disabled = False
+    assert layer._fast_adapter(x.float(), (), {}) is None  # dtype mismatch: general path casts
+    layer.base_layer.weight.requires_grad_(True)  # a trainable base weight needs its gradient
+    assert layer._fast_adapter(x, (), {}) is None
+    with fused.enabled(False):
+        assert layer._fast_adapter(x, (), {}) is None
+
+
+def _lora_llama(p, **kw):
+    model = tiny_llama(**kw)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    return get_lora_model(model, cfg).train()
+
+
+def _loss_and_grads(lm, x):
+    loss = lm(input_ids=x, labels=x).loss
+    params = [p for p in lm.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_llama_grads_equal_reference_path(dtype):
+    lm = _lora_llama(0.0).to(dtype)
+    x = ids(2, 8)
+    loss, grads = _loss_and_grads(lm, x)
+    with fused.enabled(False):
+        ref_loss, ref_grads = _loss_and_grads(lm, x)
+    assert rel_err(loss, ref_loss) <= TOL[dtype]
+    assert max(rel_err(a, b) for a, b in zip(grads, ref_grads)) <= 10 * TOL[dtype]
+
+
+def test_tiny_llama_with_dropout_equals_reference_with_the_same_masks(record_masks, monkeypatch):
+    p = 0.2
+    lm = _lora_llama(p).double()
+    x = ids(2, 8)
+    loss, grads = _loss_and_grads(lm, x)
+    # The fast path drew one mask per input tensor (q/k/v share one, gate/up share one): 4 per decoder layer.
+    assert len(record_masks) == 4 * 2
+    per_module = [m for layer in range(2) for m, n in zip(record_masks[4 * layer:4 * layer + 4], (3, 1, 2, 1))
+                  for _ in range(n)]  # q k v | o | gate up | down, in the order the reference calls them
+    replay = iter(per_module)
+
+    def dropout(t, rate, training):
+        return t * next(replay).view(t.shape) / (1 - rate) if training and rate else t
+
+    monkeypatch.setattr(LF, "F", types.SimpleNamespace(linear=F.linear, dropout=dropout))
+    with fused.enabled(False):
+        ref_loss, ref_grads = _loss_and_grads(lm, x)
+    assert next(replay, None) is None
+    assert rel_err(loss, ref_loss) <= 1e-12
+    assert max(rel_err(a, b) for a, b in zip(grads, ref_grads)) <= 1e-10
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    p = 0.3
+    x = ids(2, 8)
+    results = []
+    for checkpointing in (False, True):
+        lm = _lora_llama(p)
+        if checkpointing:
+            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(123)
+        results.append(_loss_and_grads(lm, x))
+    (l0, g0), (l1, g1) = results
+    assert rel_err(l1, l0) <= 1e-6
+    assert max(rel_err(a, b) for a, b in zip(g1, g0)) <= 1e-5
+
+
+def test_gpt2_conv1d_model_grads_equal_reference_path():
+    model = tiny_gpt2()
+    lm = get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                          init_lora_weights=False)).eval()  # GPT-2 has its own dropout
+    x = ids(2, 8)
+    loss, grads = _loss_and_grads(lm, x)
+    with fused.enabled(False):
+        ref_loss, ref_grads = _loss_and_grads(lm, x)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert max(rel_err(a, b) for a, b in zip(grads, ref_grads)) <= 1e-5
+
+
+def test_unmerged_inference_and_merge_agree():
+    lm = _lora_llama(0.1).eval()
+    x = ids(2, 8)
+    with torch.no_grad():
+        fast = lm(input_ids=x).logits
+        with fused.enabled(False):
+            ref = lm(input_ids=x).logits
+        lm.merge_adapter()
+        merged = lm(input_ids=x).logits
+        lm.unmerge_adapter()
+    assert rel_err(fast, ref) <= 1e-6 and rel_err(merged, ref) <= 1e-5
