@@ -3,8 +3,8 @@
 A: loratune makes a random adapter and saves it; PEFT loads it onto a copy of the same base -> same logits.
 B: PEFT makes a random adapter and saves it; loratune loads it onto a copy of the same base -> same logits.
 Also: saved key sets and shapes, adapter_config.json readable by PEFT, and trainable parameter counts.
-Cases where loratune differs from PEFT by design are xfail with the cause as reason (``KNOWN_DIFFERENCES``); they
-start passing (XPASS) once fixed, and the marker should then go.
+Cases where loratune differs from PEFT by design are xfail with the cause as reason (``KNOWN_DIFFERENCES``): a change
+that makes them pass (XPASS) changed that design and should be looked at.
 """
 
 from __future__ import annotations
