@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_dry_run_shows_config_data_example_and_params(capsys, tiny_dir, data_fil
     assert "# resolved config" in out and "r: 4" in out
     assert "train: examples ready: 32" in out
     assert "[[" in out and "<|im_end|>]]" in out
-    assert "trainable params:" in out and "estimated time" in out
+    assert "trainable params:" in out and "estimated training time on this machine" in out
     assert not (tmp_path / "o" / "adapter").exists()
 
 
@@ -118,3 +120,66 @@ def test_help_everywhere(capsys):
             main([*cmd, "--help"])
         assert e.value.code == 0
         assert "usage: loratune" in capsys.readouterr().out
+
+
+def test_overrides_may_follow_flags(capsys, tiny_dir, data_files, tmp_path, cfg_file):
+    a = _args(tiny_dir, data_files, tmp_path / "o")
+    assert main(["train", str(cfg_file), "--dry-run", *a, "lora.r=6"]) == 0
+    assert "r: 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg_file), "--dry-run", "--bogus", *a])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_failed_run_does_not_block_the_corrected_one(capsys, tiny_dir, data_files, tmp_path, cfg_file):
+    out = tmp_path / "o"
+    err = _error(capsys, ["train", str(cfg_file), *_args(tiny_dir, data_files, out), "lora.target_modules=[nope]",
+                          "--no-progress"])
+    assert "nope" in err
+    assert not (out / "run_config.yaml").exists()
+    assert main(["train", str(cfg_file), *_args(tiny_dir, data_files, out), "--no-progress"]) == 0
+
+
+def test_eval_uses_the_prompt_the_adapter_was_trained_with(capsys, tiny_dir, data_files, tmp_path, cfg_file):
+    out = tmp_path / "o"
+    args = [*_args(tiny_dir, data_files, out), "data.system_prompt=Answer with the date only."]
+    assert main(["train", str(cfg_file), *args]) == 0
+    trained_eval = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", str(data_files[1]), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert abs(rows["adapter"]["loss"] - trained_eval) <= 1e-6 * trained_eval
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", str(data_files[1]), "--json",
+                 "--system-prompt", "Something else entirely."]) == 0
+    # a tiny random model barely reads the prompt, but a different prompt is still a different loss
+    assert abs(json.loads(capsys.readouterr().out)["adapter"]["loss"] - trained_eval) > 1e-5 * trained_eval
+
+
+def test_a_model_without_a_chat_template_gets_plain_text_prompts(trained):
+    from transformers import AutoTokenizer
+
+    from loratune.cli import _prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(trained / "adapter")
+    chat = _prompt_ids(tok, [{"role": "user", "content": "hi there"}], "be brief")
+    assert tok.decode(chat).count("<|im_start|>") == 3  # system, user, and the assistant's turn
+    tok.chat_template = None
+    assert _prompt_ids(tok, [{"role": "user", "content": "hi there"}], None) == tok("hi there")["input_ids"]
+
+
+@pytest.mark.bundled
+def test_a_classifier_is_refused_for_generation(capsys):
+    err = _error(capsys, ["generate", "--model", "all-minilm-l6-v2", "hello"])
+    assert "not a causal language model" in err and "smollm2-135m-instruct" in err
+
+
+def test_written_files_follow_the_umask(trained, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["merge", "--adapter", str(trained / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "merged" / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((trained / "adapter" / "adapter_model.safetensors").stat().st_mode) & 0o044

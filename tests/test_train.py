@@ -58,7 +58,7 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tiny_dir, data_files,
 
 def test_output_dir_with_another_config_is_refused(tiny_dir, data_files, tmp_path):
     train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=1"), progress=False)
-    with pytest.raises(TrainingError, match="different config.*--overwrite"):
+    with pytest.raises(TrainingError, match=r"different config \(lora.r: 4 -> 8\).*--overwrite"):
         train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=1", "lora.r=8"), progress=False)
     train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=1", "lora.r=8"), overwrite=True, progress=False)
 
@@ -127,3 +127,30 @@ def test_schedules():
     assert f(0) < f(1) < f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.0)
     assert lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
     assert lr_lambda("constant", 0, 10)(9) == 1.0
+
+
+def test_logged_lr_is_the_rate_the_step_used(tiny_dir, data_files, tmp_path):
+    res = train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=3", "train.warmup_ratio=0",
+                     "train.scheduler=linear"), progress=False)
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+
+
+def test_rerunning_a_finished_run_trains_nothing(tiny_dir, data_files, tmp_path, capsys):
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.max_steps=3", "train.save_every=0")
+    train(cfg, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step-0000003"  # the last step is always checkpointed
+    first = _adapter(tmp_path)
+    res = train(cfg, progress=False)
+    assert "run already complete" in capsys.readouterr().out
+    assert [h["step"] for h in res.history] == [1, 2, 3]
+    assert all(torch.equal(first[k], v) for k, v in _adapter(tmp_path).items())
+
+
+def test_run_records_data_report_prompt_and_absolute_base_path(tiny_dir, data_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_dir.parent)
+    cfg = _cfg(tiny_dir.name, data_files, tmp_path, "train.max_steps=1", "data.system_prompt=Be brief.")
+    train(cfg, progress=False)
+    assert "train: examples ready: 32" in (tmp_path / "data_report.txt").read_text()
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_dir.resolve())  # usable from any working directory
+    assert json.loads((tmp_path / "adapter" / "loratune_prompt.json").read_text()) == {"system_prompt": "Be brief."}

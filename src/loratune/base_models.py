@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraTuneError
+from .io import public_modes
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def _cached_gguf(gguf: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         _convert_gguf(gguf, tmp)
+        public_modes(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep theirs

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="jsonl/json/csv/parquet file")
     e.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     e.add_argument("--format", default="auto", help="data format (default: detect)")
+    e.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -44,11 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", help="adapter directory")
     g.add_argument("--model", help="base model (default: the adapter's)")
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
 
     c = sub.add_parser("chat", help="interactive chat with an adapter (empty line or Ctrl-D quits)")
     c.add_argument("--adapter", help="adapter directory")
     c.add_argument("--model", help="base model (default: the adapter's)")
     c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
 
     m = sub.add_parser("merge", help="merge an adapter into its base and save an HF model",
                        description="Write base + adapter as one HF-format model (safetensors, tokenizer).")
@@ -66,7 +69,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Flags may stand before or after the key=value overrides: argparse leaves overrides that follow a flag
+    # unparsed, so they are collected here (parse_intermixed_args does not support subcommands).
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (see loratune {args.command} --help)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line that matters
@@ -113,31 +124,76 @@ def dry_run(cfg) -> int:
     print(format_example(tok, data.train[0]))
     lm = get_lora_model(model, cfg.lora_config())
     lm.print_trainable_parameters()
-    _, steps = total_steps(len(data.train), cfg.train, int(os.environ.get("WORLD_SIZE", "1")))
-    tokens = sum(len(e.input_ids) for e in data.train) / max(len(data.train), 1)
-    est = steps * cfg.train.batch_size * cfg.train.grad_accum * tokens / 900.0  # ~900 tok/s measured on 2 cores
-    print(f"{steps} steps; estimated time on 2 CPU cores for a 135M model: ~{est / 60:.1f} min")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _, steps = total_steps(len(data.train), cfg.train, world)
+    seconds = _time_one_batch(lm, data.train[:cfg.train.batch_size], tok.pad_token_id)
+    est = steps * cfg.train.grad_accum * seconds
+    print(f"estimated training time on this machine: ~{est / 60:.1f} min ({steps} steps × {cfg.train.grad_accum} "
+          f"batch(es) of {cfg.train.batch_size} rows × {seconds:.2f} s measured for one batch"
+          f"{'' if world == 1 else ' per process'}; evaluation not included)")
     return 0
 
 
-def _load_for_inference(adapter: str | None, model_name: str | None):
+def _time_one_batch(lm, rows, pad_id: int) -> float:
+    """Seconds for one forward + backward on ``rows`` (the second of two runs: the first warms up)."""
+    import time
+
+    from .data import collate
+    from .evaluate import response_loss_sum
+
+    lm.train()
+    batch = collate(rows, pad_id)
+    for _ in range(2):
+        start = time.perf_counter()
+        response_loss_sum(lm, batch)[0].backward()
+        seconds = time.perf_counter() - start
+    lm.zero_grad(set_to_none=True)
+    return seconds
+
+
+def _load_for_inference(adapter: str | None, model_name: str | None, system_prompt: str | None = None):
+    """(model, tokenizer, system prompt): base or base + adapter, with the tokenizer (chat template) and the
+    system prompt the adapter was trained with, unless given."""
+    from transformers import AutoTokenizer
+
     from .base_models import load_base_model
     from .io import read_adapter_config
     from .model import LoraModel
+    from .train import PROMPT_FILE, require_causal_lm
 
     if adapter is None:
-        return load_base_model(model_name or "smollm2-135m-instruct")
+        name = model_name or "smollm2-135m-instruct"
+        model, tok = load_base_model(name)
+        require_causal_lm(model, name)
+        return model, tok, system_prompt
     cfg = read_adapter_config(adapter)
-    model, tok = load_base_model(model_name or cfg.base_model_name_or_path or "smollm2-135m-instruct")
-    return LoraModel.from_pretrained(model, adapter), tok
+    name = model_name or cfg.base_model_name_or_path or "smollm2-135m-instruct"
+    model, tok = load_base_model(name)
+    require_causal_lm(model, name)
+    if (Path(adapter) / "tokenizer_config.json").is_file():  # saved by `loratune train`, with its template
+        tok = AutoTokenizer.from_pretrained(adapter)
+        tok.pad_token = tok.pad_token or tok.eos_token
+    prompt_file = Path(adapter) / PROMPT_FILE
+    if system_prompt is None and prompt_file.is_file():
+        system_prompt = json.loads(prompt_file.read_text()).get("system_prompt")
+    return LoraModel.from_pretrained(model, adapter), tok, system_prompt
+
+
+def _prompt_ids(tok, messages: list[dict], system_prompt: str | None) -> list[int]:
+    """Token ids of a chat prompt; a tokenizer without a chat template gets the plain text (a base LM)."""
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    if not getattr(tok, "chat_template", None):
+        return list(tok("\n".join(m["content"] for m in messages))["input_ids"])
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def cmd_eval(args) -> int:
     from .data import DataConfig, prepare_eval
     from .evaluate import eval_loss, exact_match
 
-    model, tok = _load_for_inference(args.adapter, args.model)
-    examples, _ = prepare_eval(DataConfig(train=args.data, format=args.format), tok)
+    model, tok, system_prompt = _load_for_inference(args.adapter, args.model, args.system_prompt)
+    examples, _ = prepare_eval(DataConfig(train=args.data, format=args.format, system_prompt=system_prompt), tok)
     rows = {}
 
     def measure(label: str) -> None:
@@ -161,17 +217,16 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from .evaluate import generate_batch
 
-    model, tok = _load_for_inference(args.adapter, args.model)
-    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
-    print(generate_batch(model, tok, [list(ids)], args.max_new_tokens)[0].strip())
+    model, tok, system_prompt = _load_for_inference(args.adapter, args.model, args.system_prompt)
+    ids = _prompt_ids(tok, [{"role": "user", "content": args.prompt}], system_prompt)
+    print(generate_batch(model, tok, [ids], args.max_new_tokens)[0].strip())
     return 0
 
 
 def cmd_chat(args) -> int:
     from .evaluate import generate_batch
 
-    model, tok = _load_for_inference(args.adapter, args.model)
+    model, tok, system_prompt = _load_for_inference(args.adapter, args.model, args.system_prompt)
     messages: list[dict] = []
     print("chat with the model; an empty line or Ctrl-D quits")
     while True:
@@ -182,15 +237,14 @@ def cmd_chat(args) -> int:
         if not text:
             break
         messages.append({"role": "user", "content": text})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        reply = generate_batch(model, tok, [list(ids)], args.max_new_tokens)[0].strip()
+        reply = generate_batch(model, tok, [_prompt_ids(tok, messages, system_prompt)], args.max_new_tokens)[0].strip()
         messages.append({"role": "assistant", "content": reply})
         print(reply)
     return 0
 
 
 def cmd_merge(args) -> int:
-    model, tok = _load_for_inference(args.adapter, args.model)
+    model, tok, _ = _load_for_inference(args.adapter, args.model)
     save_merged(model, tok, Path(args.out))
     print(f"merged model written to {args.out}")
     return 0
@@ -201,11 +255,14 @@ def save_merged(lora_model, tok, out: Path) -> None:
     import shutil
     import tempfile
 
+    from .io import public_modes
+
     merged = lora_model.merge_and_unload(safe_merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     merged.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    public_modes(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

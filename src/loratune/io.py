@@ -70,10 +70,26 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def public_modes(root: Path) -> None:
+    """Give a tree written under ``tempfile.mkdtemp`` (0700; some writers make 0600 files) the modes ``mkdir`` and
+    ``open`` would have given it, so another user or a serving process can read what loratune wrote."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in Path(root).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

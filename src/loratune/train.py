@@ -27,11 +27,12 @@ from .base_models import load_base_model
 from .data import PreparedData, collate, prepare
 from .errors import LoraTuneError
 from .evaluate import eval_loss, response_loss_sum
-from .io import save_json, save_tensors
+from .io import public_modes, save_json, save_tensors
 from .model import LoraModel, get_lora_model
 from .runconfig import RunConfig, dump_run_config
 
 CHECKPOINTS = "checkpoints"
+PROMPT_FILE = "loratune_prompt.json"  # how prompts were built in training, for eval/generate/chat
 
 
 class TrainingError(LoraTuneError):
@@ -127,6 +128,7 @@ def save_checkpoint(out: Path, step: int, model: LoraModel, opt, sched, config_t
     save_tensors(tensors, tmp / "trainer_state.safetensors")
     save_json({"step": step, "optimizer": meta, "scheduler": sched.state_dict(), "config": config_text},
               tmp / "trainer_state.json")
+    public_modes(tmp)
     final = root / f"step-{step:07d}"
     if final.exists():
         shutil.rmtree(final)
@@ -160,18 +162,55 @@ def load_checkpoint(ckpt: Path, model: LoraModel, opt, sched, config_text: str) 
     return int(state["step"])
 
 
-def _claim_output_dir(out: Path, config_text: str, overwrite: bool, rank: int) -> None:
-    """Refuse to mix two different runs in one output dir."""
+def _check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
+    """Refuse to mix two different runs in one output dir (read-only: nothing is written before setup works)."""
     saved = out / "run_config.yaml"
-    if saved.is_file() and saved.read_text() != config_text:
-        if not overwrite:
-            raise TrainingError(f"{out} holds a run with a different config; pass --overwrite to replace it "
-                                "or choose another output_dir")
-    if overwrite and rank == 0:
+    if overwrite or not saved.is_file() or saved.read_text() == config_text:
+        return
+    changed = _config_changes(saved.read_text(), config_text)
+    raise TrainingError(f"{out} holds a run with a different config ({changed}); pass --overwrite to replace it "
+                        "or choose another output_dir")
+
+
+def _config_changes(old_text: str, new_text: str) -> str:
+    """'train.lr: 0.001 -> 0.0002, ...' for the keys that differ between two dumped run configs."""
+    import yaml
+
+    def flat(d, prefix=""):
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    old, new = dict(flat(yaml.safe_load(old_text))), dict(flat(yaml.safe_load(new_text)))
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+             if old.get(k) != new.get(k)]
+    return ", ".join(diffs[:5]) + (f" and {len(diffs) - 5} more" if len(diffs) > 5 else "") or "formatting"
+
+
+def _claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
+    """Mark ``out`` as this run's (rank 0, once the model and data are set up)."""
+    if overwrite:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(config_text)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.yaml").write_text(config_text)
+
+
+def require_causal_lm(model, name: str) -> None:
+    """loratune trains and generates with causal LMs; say so plainly for anything else (e.g. a BERT classifier)."""
+    if not model.can_generate():
+        raise LoraTuneError(f"model '{name}' is a {type(model).__name__}, not a causal language model; train, "
+                            "eval, generate and chat need one (e.g. model=smollm2-135m-instruct). Classifiers are "
+                            "fine-tuned through the Python API (LoraConfig(task_type='SEQ_CLS'))")
+
+
+def _model_reference(name: str) -> str:
+    """What the adapter records as its base: a bundled name as is, a local path made absolute."""
+    from .base_models import BUNDLED
+
+    return name if name in BUNDLED or not Path(name).exists() else str(Path(name).resolve())
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -185,17 +224,26 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     tc = cfg.train
     out = Path(cfg.output_dir)
     config_text = dump_run_config(cfg)
-    _claim_output_dir(out, config_text, overwrite, rank)
-    if world > 1:
-        dist.barrier()
+    _check_output_dir(out, config_text, overwrite)
 
     torch.manual_seed(tc.seed)
     model, tok = model_and_tokenizer or load_base_model(cfg.model)
-    data = data or prepare(cfg.data, tok, seed=tc.seed)
+    require_causal_lm(model, cfg.model)
+    if data is None:
+        data = prepare(cfg.data, tok, seed=tc.seed)
+        if rank == 0 and progress:
+            print("data\n  " + "\n  ".join(data.report_lines()), flush=True)
     torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
     lcfg = cfg.lora_config()
-    lcfg.base_model_name_or_path = lcfg.base_model_name_or_path or cfg.model
+    lcfg.base_model_name_or_path = lcfg.base_model_name_or_path or _model_reference(cfg.model)
     lm = get_lora_model(model, lcfg)
+    # Only now, with model, data and adapter config known to work, does the run take the output dir: a run that
+    # fails validation leaves nothing behind that would block the corrected command.
+    if rank == 0:
+        _claim_output_dir(out, config_text, overwrite)
+        (out / "data_report.txt").write_text("".join(line + "\n" for line in data.report_lines()))
+    if world > 1:
+        dist.barrier()
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
@@ -211,7 +259,8 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     if ckpt is not None:
         start = load_checkpoint(ckpt, lm, opt, sched, config_text)
         if rank == 0:
-            print(f"resuming from {ckpt} (step {start} of {steps})", flush=True)
+            print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
+                  else f"resuming from {ckpt} (step {start} of {steps})", flush=True)
     # torch's RNG drives dropout; the same seed on every rank would give every shard the same masks
     if world > 1 and start == 0:
         torch.manual_seed(tc.seed + 1000 * rank)
@@ -245,11 +294,12 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         _all_reduce_grads(params, world)
         if tc.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the rate this step uses (read before sched.step() moves on)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-        record = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0],
+        record = {"step": step, "loss": loss, "lr": lr,
                   "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
         if data.eval and tc.eval_every and step % tc.eval_every == 0 and step != steps:
             record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
@@ -261,7 +311,8 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if tc.save_every and step % tc.save_every == 0 and step != steps:
+            # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
+            if step == steps or (tc.save_every and step % tc.save_every == 0):
                 save_checkpoint(out, step, lm, opt, sched, config_text)
         if stop_after is not None and step - start >= stop_after:
             bar.close()
@@ -271,7 +322,10 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     adapter_dir = out / "adapter"
     if rank == 0:
         lm.save_pretrained(adapter_dir)
+        if cfg.data.chat_template:
+            tok.chat_template = cfg.data.chat_template
         tok.save_pretrained(adapter_dir)  # the chat template travels with the adapter
+        save_json({"system_prompt": cfg.data.system_prompt}, adapter_dir / PROMPT_FILE)
         write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()
