@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,16 @@ def test_bundled_minilm_classifier_loads():
     lm = get_lora_model(model, LoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS"))
     out = lm(**tok(["a good film", "a bad film"], return_tensors="pt", padding=True))
     assert out.logits.shape == (2, 3)
+
+
+@pytest.mark.bundled
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the project's own README
+    printed = capsys.readouterr().out.strip()
+    assert printed in code  # the trainable-parameter line the README shows is the one printed
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    assert scope["out"].logits.shape[0] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,52 @@ def test_read_jsonl_keeps_iso_date_strings(tmp_path):
     assert read_rows(path) == [{"prompt": "p", "completion": "2021-03-05"}]
 
 
+def test_txt_file_refused_with_how_to_convert(tmp_path):
+    (tmp_path / "d.txt").write_text("one example\nanother\n")
+    with pytest.raises(DataError) as e:
+        read_rows(tmp_path / "d.txt")
+    msg = str(e.value)
+    assert "d.txt has unsupported extension '.txt'" in msg
+    assert '.jsonl file with one JSON object per line, {"text": "..."}, for data.format=text' in msg
+    assert "supported: .jsonl, .json, .csv, .parquet" in msg
+
+
+@pytest.mark.parametrize("name, content, state", [
+    ("e.jsonl", "", "is empty: it has no rows"),
+    ("e.jsonl", "\n  \n", "is empty: it has no rows"),
+    ("e.json", "", "is empty: it has no rows"),
+    ("e.json", "[]", "has no rows (an empty JSON list)"),
+    ("e.csv", "", "is empty: it has no rows"),
+    ("e.csv", "prompt,completion\n", "has no rows (only a header line)"),
+])
+def test_empty_files_say_so(tmp_path, name, content, state):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=rf"data file .*{name} {re.escape(state)}; add rows"):
+        read_rows(tmp_path / name)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "prompt_completion"])
+def test_empty_train_or_eval_file_is_named(tmp_path, tok, fmt):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    good = write_jsonl(tmp_path / "good.jsonl", [pc(1), pc(2)])
+    with pytest.raises(DataError, match=r"train file .*empty\.jsonl is empty: it has no rows"):
+        prepare(DataConfig(train=str(empty), format=fmt), tok)
+    with pytest.raises(DataError, match=r"eval file .*empty\.jsonl is empty: it has no rows"):
+        prepare(DataConfig(train=good, eval=str(empty), format=fmt), tok)
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(DataError, match=r"eval file .*list\.json has no rows \(an empty JSON list\)"):
+        prepare(DataConfig(train=good, eval=str(tmp_path / "list.json"), format=fmt), tok)
+
+
+def test_undetectable_format_names_the_file(tmp_path, tok):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"qa\.jsonl: cannot detect the data format from keys \['answer', 'question'\]"):
+        prepare(DataConfig(train=path), tok)
+    with pytest.raises(DataError, match="no rows"):
+        detect_format([])
+
+
 def test_read_json_array_csv_parquet(tmp_path):
     rows = [{"prompt": "a", "completion": "007"}, {"prompt": "b", "completion": "2021-03-05"}]
     (tmp_path / "d.json").write_text(json.dumps(rows))
@@ -127,6 +174,13 @@ def test_read_json_array_csv_parquet(tmp_path):
 def test_read_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist; check the path"):
         read_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "adir.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"adir.jsonl is a directory, but a data file is expected "
+                                        r"\(\.jsonl, \.json, \.csv, \.parquet\)"):
+        read_rows(tmp_path / "adir.jsonl")
+    (tmp_path / "noext").write_text("x")
+    with pytest.raises(DataError, match="noext has no extension.*.jsonl"):
+        read_rows(tmp_path / "noext")
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match=r"unsupported extension '\.txt'.*\.jsonl"):
         read_rows(tmp_path / "d.txt")
@@ -168,14 +222,39 @@ def test_cleaning_counts(tmp_path, tok):
 
 def test_rows_missing_keys_are_an_error_naming_rows(tmp_path, tok):
     rows = [pc(1), {"prompt": "only a prompt"}, pc(3), {"completion": "x"}]
-    with pytest.raises(DataError, match=r"rows 2, 4 lack 'completion', 'prompt'.*set data.format"):
+    with pytest.raises(DataError, match=r"row 2 lacks 'completion'; row 4 lacks 'prompt' .*set data.format"):
         prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), tok)
+
+
+def test_missing_keys_reported_per_row_grouped_and_capped(tmp_path, tok):
+    rows = [pc(i) for i in range(8)] + [{"prompt": "only prompt"}, {"question": "q", "answer": "a"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(train=path), tok)
+    msg = str(e.value)
+    assert "t.jsonl: row 9 lacks 'completion'; row 10 lacks 'prompt', 'completion'" in msg and "\n" not in msg
+    rows = [{"prompt": "p"}] * 7 + [{"completion": "c"}, {"a": 1}, {"b": 1}, {"c": 1}, pc(1)]
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(train=write_jsonl(tmp_path / "m.jsonl", rows), format="prompt_completion"), tok)
+    msg = str(e.value)
+    assert "rows 1, 2, 3, 4, 5 and 2 more lack 'completion'; row 8 lacks 'prompt'; " \
+           "rows 9, 10, 11 lack 'prompt', 'completion' (format prompt_completion)" in msg
 
 
 def test_empty_after_cleaning(tmp_path, tok):
     rows = [{"prompt": "a", "completion": ""}, {"prompt": " ", "completion": "b"}]
     with pytest.raises(DataError, match="no usable rows after cleaning"):
         prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), tok)
+
+
+def test_all_rows_dropped_error_gives_reasons_and_rows(tmp_path, tok):
+    rows = [{"prompt": "", "completion": ""}] * 10 + [{"prompt": "p", "completion": 5}]
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), tok)
+    msg = str(e.value)
+    assert "t.jsonl has no usable rows after cleaning (11 read, all dropped)" in msg
+    assert "10 rows dropped (rows 1, 2, 3, 4, 5 and 5 more): empty 'prompt', 'completion'" in msg
+    assert "1 row dropped (row 11): 'completion' is int, not a string" in msg and "\n" not in msg
 
 
 def test_leakage_removed(tmp_path, tok):

@@ -1,10 +1,12 @@
 """Data preparation: read local files, clean them, template them into token ids with loss masks.
 
-Pipeline (:func:`prepare`): read a local jsonl/json/csv/parquet file (:func:`read_rows`) → convert each row to
-chat messages (formats below) → strip whitespace → drop empty/malformed rows → exact and normalized
-de-duplication → drop train rows that also appear in the eval set → tokenize through the tokenizer's chat
-template (loss only on assistant turns unless ``train_on_prompt``) → drop or truncate over-length rows →
-optional packing. Every step's count goes into :attr:`PreparedData.report`.
+Pipeline (:func:`prepare`): read a local jsonl/json/csv/parquet file (:func:`read_rows`; a missing, empty or
+unsupported file is an error) → refuse the file if any row lacks a key its format requires (the error names
+those rows: no row is lost silently) → convert each row to chat messages (formats below) → strip whitespace →
+drop rows with empty or wrongly typed values (reported with their row numbers; an error if none are left) →
+exact and normalized de-duplication → drop train rows that also appear in the eval set → tokenize through the
+tokenizer's chat template (loss only on assistant turns unless ``train_on_prompt``) → drop or truncate
+over-length rows → optional packing. Every step's count goes into :attr:`PreparedData.report`.
 
 Formats (``format: auto`` detects them from the keys):
 
@@ -33,6 +35,11 @@ from .errors import DataError, closest
 
 FORMATS = ("prompt_completion", "alpaca", "messages", "sharegpt", "text")
 READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+EXTENSIONS = ", ".join(READERS)
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # refused (one example per line? per file?), with how to convert
+ROW_HINTS = {".jsonl": 'one JSON object per line, e.g. {"prompt": "...", "completion": "..."}',
+             ".json": "a JSON list of objects", ".csv": "a header line naming the columns, then one line per row",
+             ".parquet": "one row per example"}
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 IGNORE = -100
@@ -114,20 +121,67 @@ class PreparedData:
 # ---------------------------------------------------------------- reading and converting rows
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a local jsonl/json/csv/parquet file (never downloads anything).
+def check_data_file(path: str | Path, what: str = "data file") -> Path:
+    """``path`` as an existing file with a supported extension, else a DataError saying what it is instead.
+
+    Reads nothing, so config loading can call it before a model is loaded. ``what`` names the file in
+    messages (e.g. ``"eval file"``).
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"{what} {p} is a directory, but a data file is expected ({EXTENSIONS}); "
+                        "point data.train / data.eval / --data at a file inside it")
+    if not p.is_file():
+        raise DataError(f"{what} {p} does not exist; check the path (data.train / data.eval / --data)")
+    if p.suffix.lower() not in READERS:
+        raise DataError(f"{what} {p} {_extension_problem(p)}")
+    return p
+
+
+def _extension_problem(p: Path) -> str:
+    """What is wrong with the extension of ``p`` and how to fix it (the end of a one-line message)."""
+    if not p.suffix:
+        return f"has no extension, so its format is unknown; rename it to end in one of {EXTENSIONS}"
+    if p.suffix.lower() in TEXT_SUFFIXES:
+        return (f"has unsupported extension '{p.suffix}': plain text does not say where an example starts or "
+                'ends; convert it to a .jsonl file with one JSON object per line, {"text": "..."}, for '
+                "data.format=text (e.g. jq -cR '{text: .}' in.txt > out.jsonl, one example per line), or "
+                f'{{"prompt": "...", "completion": "..."}} per line for prompt/answer pairs; supported: {EXTENSIONS}')
+    return f"has unsupported extension '{p.suffix}'; use one of {EXTENSIONS}"
+
+
+def _is_blank(p: Path) -> bool:
+    """True if the file holds nothing but whitespace (and byte-order marks); stops at the first content."""
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.replace(b"\xef\xbb\xbf", b"").strip():
+                return False
+    return True
+
+
+def _no_rows(p: Path, what: str) -> str:
+    """The one-line message for a file that yielded no rows: empty, an empty list, or a header only."""
+    if _is_blank(p):
+        state = "is empty: it has no rows"
+    else:
+        state = {".json": "has no rows (an empty JSON list)",
+                 ".csv": "has no rows (only a header line)"}.get(p.suffix.lower(), "has no rows")
+    return (f"{what} {p} {state}; add rows ({ROW_HINTS[p.suffix.lower()]}) "
+            "or point data.train / data.eval / --data at another file")
+
+
+def read_rows(path: str | Path, what: str = "data file") -> list[dict[str, Any]]:
+    """All rows of a local jsonl/json/csv/parquet file (never downloads anything); at least one.
 
     csv and parquet go through ``datasets`` (csv columns read as strings). json/jsonl are parsed with the
     standard library: pyarrow's JSON reader, which ``datasets`` uses, turns ISO date strings such as
-    ``2021-03-05`` into timestamps, which would corrupt exactly the answers of a date task.
+    ``2021-03-05`` into timestamps, which would corrupt exactly the answers of a date task. ``what`` names
+    the file in error messages (e.g. ``"eval file"``).
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"data file {p} does not exist; check the path (data.train / data.eval / --data)")
-    kind = READERS.get(p.suffix.lower())
-    if kind is None:
-        raise DataError(f"data file {p} has unsupported extension '{p.suffix}'; "
-                        f"use one of {', '.join(READERS)}")
+    p = check_data_file(path, what)
+    kind = READERS[p.suffix.lower()]
+    if _is_blank(p):
+        raise DataError(_no_rows(p, what))
     try:
         rows = _read_json(p) if kind == "json" else _read_with_datasets(p, kind)
     except DataError:
@@ -137,6 +191,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             e = e.__cause__
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot read {p} as {kind}: {reason}; fix or re-export the file") from None
+    if not rows:
+        raise DataError(_no_rows(p, what))
     return rows
 
 
@@ -174,9 +230,13 @@ def _read_with_datasets(p: Path, kind: str) -> list[dict[str, Any]]:
     features = None
     if kind == "csv":  # every column as a string: pandas would turn "42" or "007" into numbers
         with p.open(newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
+            reader = csv.reader(f)
+            header = next(reader, None)
+            has_rows = any(reader)  # stops at the first non-blank row
         if not header:
-            raise DataError(f"cannot read {p}: the file is empty; the first line must name the columns")
+            raise DataError(f"cannot read {p}: the first line is empty; it must name the columns")
+        if not has_rows:
+            return []  # only a header: read_rows says the file has no rows
         features = datasets.Features({c: datasets.Value("string") for c in header})
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
@@ -189,6 +249,8 @@ def _read_with_datasets(p: Path, kind: str) -> list[dict[str, Any]]:
 
 def detect_format(rows: list[dict[str, Any]]) -> str:
     """The format whose keys the rows carry (keys with a non-null value in any row count)."""
+    if not rows:
+        raise DataError("cannot detect the data format: there are no rows; add rows to the data file")
     keys = {k for row in rows for k, v in row.items() if v is not None}
     for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
         if set(REQUIRED[fmt]) <= keys:
@@ -214,7 +276,7 @@ def _convert(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]] | None
             return None, f"'{bad[0]}' is {type(row.get(bad[0])).__name__}, not a string"
         empty = [k for k, v in vals.items() if not v and k != "input"]
         if empty:
-            return None, f"empty '{empty[0]}'"
+            return None, f"empty {', '.join(repr(k) for k in empty)}"
         if fmt == "text":
             return [{"role": "assistant", "content": vals["text"]}], ""
         if fmt == "prompt_completion":
@@ -264,34 +326,74 @@ def to_messages(row: dict[str, Any], fmt: str, row_number: int) -> list[dict[str
     return messages
 
 
-def _rows_list(numbers: list[int], limit: int = 8) -> str:
+def _rows_list(numbers: list[int], limit: int = 5) -> str:
     shown = ", ".join(str(n) for n in numbers[:limit])
     return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
 
 
+def _rows_phrase(numbers: list[int]) -> str:
+    """``row 3`` or ``rows 1, 2, 3, 4, 5 and 7 more``."""
+    return f"rows {_rows_list(numbers)}" if len(numbers) > 1 else f"row {numbers[0]}"
+
+
+def _grouped(items: list[tuple[int, Any]]) -> list[tuple[Any, list[int]]]:
+    """(value, row numbers) for each distinct value of ``(row number, value)`` pairs, in order of first row."""
+    groups: dict[Any, list[int]] = {}
+    for n, value in items:
+        groups.setdefault(value, []).append(n)
+    return list(groups.items())
+
+
+def _missing_message(missing: list[tuple[int, tuple[str, ...]]], limit: int = 3) -> str:
+    """``row 9 lacks 'completion'; row 10 lacks 'prompt', 'completion'``: rows grouped by the keys they lack."""
+    groups = _grouped(missing)
+    parts = [f"{_rows_phrase(ns)} {'lack' if len(ns) > 1 else 'lacks'} {', '.join(repr(k) for k in keys)}"
+             for keys, ns in groups[:limit]]
+    rest = sum(len(ns) for _, ns in groups[limit:])
+    if rest:
+        parts.append(f"and {rest} more row{'s lack' if rest > 1 else ' lacks'} other keys")
+    return "; ".join(parts)
+
+
+def _dropped_message(bad: list[tuple[int, str]], limit: int = 3) -> str:
+    """``10 rows dropped (rows 1, 2, 3, 4, 5 and 5 more): empty 'prompt'``: dropped rows grouped by reason."""
+    groups = _grouped(bad)
+    parts = [f"{len(ns)} row{'s' if len(ns) > 1 else ''} dropped ({_rows_phrase(ns)}): {why}"
+             for why, ns in groups[:limit]]
+    rest = sum(len(ns) for _, ns in groups[limit:])
+    if rest:
+        parts.append(f"and {rest} more dropped for other reasons")
+    return "; ".join(parts)
+
+
 def _clean(rows: list[dict], fmt: str, label: str, path: str, report: list[Step]) -> list[Row]:
-    """Convert, strip, drop empty/malformed rows and duplicates; every count goes into ``report``."""
+    """Convert, strip, drop empty/malformed rows and duplicates; every count goes into ``report``.
+
+    Rows that lack a key the format requires are an error naming them (a wrong format or a broken export,
+    not data to drop); so is a file whose every row is empty or malformed.
+    """
     report.append(Step(f"{label}: rows read", len(rows), f"{path}, format {fmt}"))
-    missing = [(n, _missing(r, fmt)) for n, r in enumerate(rows, 1) if _missing(r, fmt)]
+    missing = [(n, tuple(_missing(r, fmt))) for n, r in enumerate(rows, 1) if _missing(r, fmt)]
     if missing:
-        keys = ", ".join(repr(k) for k in sorted({k for _, ks in missing for k in ks}))
-        numbers = [n for n, _ in missing]
-        which = f"rows {_rows_list(numbers)} lack" if len(numbers) > 1 else f"row {numbers[0]} lacks"
-        raise DataError(f"{path}: {which} {keys} "
-                        f"(format {fmt}); fix those rows or set data.format")
+        raise DataError(f"{path}: {_missing_message(missing)} (format {fmt}); add the missing keys to those "
+                        "rows, remove the rows, or set data.format")
     stripped, bad, kept = 0, [], []
     for n, row in enumerate(rows, 1):
         messages, why = _convert(row, fmt)
         if messages is None:
-            bad.append(f"row {n}: {why}")
+            bad.append((n, why))
             continue
         raw = [row.get(k) for k in REQUIRED[fmt] + (("input",) if fmt == "alpaca" else ())]
         if json.dumps(raw, default=str) != json.dumps(_strip_all(raw), default=str):
             stripped += 1
         kept.append((n, messages))
     report.append(Step(f"{label}: rows with surrounding whitespace stripped", stripped))
+    if not kept:
+        raise DataError(f"{path} has no usable rows after cleaning ({len(rows)} read, all dropped): "
+                        f"{_dropped_message(bad)}; fill in or fix those rows")
     report.append(Step(f"{label}: empty or malformed rows dropped", len(bad),
-                       "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")))
+                       "; ".join(f"row {n}: {why}" for n, why in bad[:8])
+                       + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")))
     seen_exact, seen_norm, out, n_exact, n_norm = set(), set(), [], 0, 0
     for n, messages in kept:
         exact = json.dumps(messages)
@@ -463,13 +565,14 @@ def split_rows(rows: list, fraction: float, seed: int = 0) -> tuple[list, list]:
 
 
 def _load(path: str, fmt: str, label: str, report: list[Step]) -> tuple[list[Row], str]:
-    rows = read_rows(path)
-    fmt = detect_format(rows) if fmt == "auto" else fmt
-    convs = _clean(rows, fmt, label, path, report)
-    if not convs:
-        raise DataError(f"{path} has no usable rows after cleaning ({len(rows)} read); "
-                        "see the rows reported as empty or malformed and fix them")
-    return convs, fmt
+    """The cleaned rows of one file (at least one) and their format; ``label`` is ``train`` or ``eval``."""
+    rows = read_rows(path, f"{label} file")
+    if fmt == "auto":
+        try:
+            fmt = detect_format(rows)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+    return _clean(rows, fmt, label, path, report), fmt
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
