@@ -78,7 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         extra = [a for a in extra if a not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)} (see loratune {args.command} --help)")
+    import warnings
+
     from transformers.utils import logging as hf_logging
+
+    from .errors import ConfigWarning
+
+    show = warnings.showwarning
+
+    def note(message, category, *rest, **kw):  # loratune's own warnings as one plain line, not file:line source
+        if issubclass(category, ConfigWarning):
+            print(f"loratune {args.command}: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    warnings.showwarning = note
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line that matters
     try:

@@ -1,5 +1,7 @@
 """User-facing errors: each message names the problem and the fix, on one line.
 
+A ``ConfigError`` that collects several problems lists them one per line, under a count.
+
 The CLI prints ``LoraTuneError`` messages without a stack trace; the Python API raises them with
 ``from None`` so users see the message, not the machinery behind it.
 """
@@ -7,7 +9,7 @@ The CLI prints ``LoraTuneError`` messages without a stack trace; the Python API 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class LoraTuneError(Exception):
@@ -18,6 +20,10 @@ class ConfigError(LoraTuneError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration that works, but probably not as meant (e.g. max_steps and epochs both set)."""
+
+
 class AdapterFileError(LoraTuneError, ValueError):
     """An adapter directory or file is missing, corrupt or does not fit the model."""
 
@@ -26,9 +32,17 @@ class DataError(LoraTuneError, ValueError):
     """A dataset file is missing, unreadable or has rows of the wrong shape."""
 
 
-def closest(name: str, choices: Iterable[str]) -> str:
-    """A ' (did you mean X?)' hint for a misspelt name; the valid names when none is close."""
+def closest(name: str, choices: Iterable[str], synonyms: Mapping[str, str] | None = None) -> str:
+    """A ' (did you mean X?)' hint for a misspelt name; the valid names when none is close.
+
+    ``synonyms`` (lower-case names from other tools -> a valid name) are consulted before the fuzzy match,
+    which would answer 'warmup_ratio' for 'learning_rate'.
+    """
     choices = sorted(choices)
+    norm = name.lower().replace("-", "_")
+    target = (synonyms or {}).get(norm, norm)
+    if target in choices:
+        return f" (did you mean '{target}'?)"
     match = difflib.get_close_matches(name, choices, n=1, cutoff=0.4)
     if match:
         return f" (did you mean '{match[0]}'?)"

@@ -27,7 +27,7 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True) 
     t0 = time.time()
     train_file, eval_file = make_dates_task(out / "data", n_train=600, n_eval=100, seed=0)
     cfg = load_run_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
-                                 *QUICKSTART, *overrides])
+                                 *overrides], defaults=QUICKSTART)
     model, tok = load_base_model(cfg.model)
     data = prepare(cfg.data, tok, seed=cfg.train.seed)
     bs, mnt = cfg.train.eval_batch_size, 16
