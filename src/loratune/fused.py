@@ -80,6 +80,17 @@ def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return t if keep is None else t * keep.view(torch.uint8).to(t.dtype)
 
 
+def _float_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``keep`` as 0/1 values of ``dtype``. Siblings' backward passes come one after another with the same mask,
+    so the latest conversion is kept (weakly keyed on the mask) and reused instead of converted again."""
+    c = getattr(_state, "float_mask", None)
+    if c is not None and c[0]() is keep and c[1].dtype == dtype:
+        return c[1]
+    f = keep.view(torch.uint8).to(dtype)
+    _state.float_mask = (weakref.ref(keep), f)
+    return f
+
+
 def shared_dropout(x: torch.Tensor, x2: torch.Tensor, p: float, consumer: object
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep mask, x2 ⊙ keep) for the module ``consumer`` reading ``x`` (x2: x as tokens × in).
@@ -142,7 +153,9 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_A = grad_B = None
         gu = g.mm(B).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂u
         if need_x:
-            lora_gx = _masked(gu.mm(A), mask)  # tokens × in through the rank-r bottleneck, not an out × in matrix
+            lora_gx = gu.mm(A)  # tokens × in through the rank-r bottleneck, not an out × in matrix
+            if mask is not None:
+                lora_gx.mul_(_float_mask(mask, lora_gx.dtype))  # in place: no second tokens × in buffer
             grad_x = lora_gx.addmm_(g, weight)  # + g·W: the base's input gradient, accumulated in place
         if need_A:
             grad_A = gu.t().mm(xd)
