@@ -175,15 +175,12 @@ def _load_for_inference(adapter: str | None, model_name: str | None, system_prom
     from .model import LoraModel
     from .train import PROMPT_FILE, require_causal_lm
 
-    if adapter is None:
-        name = model_name or "smollm2-135m-instruct"
-        model, tok = load_base_model(name)
-        require_causal_lm(model, name)
-        return model, tok, system_prompt
-    cfg = read_adapter_config(adapter)
-    name = model_name or cfg.base_model_name_or_path or "smollm2-135m-instruct"
+    saved = read_adapter_config(adapter).base_model_name_or_path if adapter else None
+    name = model_name or saved or "smollm2-135m-instruct"
     model, tok = load_base_model(name)
     require_causal_lm(model, name)
+    if adapter is None:
+        return model, tok, system_prompt
     if (Path(adapter) / "tokenizer_config.json").is_file():  # saved by `loratune train`, with its template
         tok = AutoTokenizer.from_pretrained(adapter)
         tok.pad_token = tok.pad_token or tok.eos_token

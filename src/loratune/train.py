@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -174,8 +175,6 @@ def _check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
 
 def _config_changes(old_text: str, new_text: str) -> str:
     """'train.lr: 0.001 -> 0.0002, ...' for the keys that differ between two dumped run configs."""
-    import yaml
-
     def flat(d, prefix=""):
         for k, v in (d or {}).items():
             if isinstance(v, dict):
