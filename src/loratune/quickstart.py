@@ -47,7 +47,8 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True) 
     print("\nheld-out exact match (ISO dates)")
     print(f"  base model   {before['exact_match']:6.1%}   e.g. {before['samples'][0]['prediction']!r} "
           f"for {before['samples'][0]['reference']!r}")
-    print(f"  with LoRA    {after['exact_match']:6.1%}   e.g. {after['samples'][0]['prediction']!r}")
+    print(f"  with LoRA    {after['exact_match']:6.1%}   e.g. {after['samples'][0]['prediction']!r} "
+          f"for {after['samples'][0]['reference']!r}")
     print(f"\nadapter:      {result.adapter_dir}\nmerged model: {out / 'merged'}\n"
           f"loss curve:   {out / 'loss_curve.png'}\ntotal time:   {time.time() - t0:.0f} s")
     return {"before": before["exact_match"], "after": after["exact_match"], "seconds": time.time() - t0}
