@@ -344,26 +344,29 @@ def _grouped(items: list[tuple[int, Any]]) -> list[tuple[Any, list[int]]]:
     return list(groups.items())
 
 
-def _missing_message(missing: list[tuple[int, tuple[str, ...]]], limit: int = 3) -> str:
+def _grouped_message(items: list[tuple[int, Any]], describe, rest_phrase, limit: int = 3) -> str:
+    """'; '-joined ``describe(value, rows)`` for the first ``limit`` groups of equal values, then the rest counted."""
+    groups = _grouped(items)
+    parts = [describe(value, ns) for value, ns in groups[:limit]]
+    rest = sum(len(ns) for _, ns in groups[limit:])
+    if rest:
+        parts.append(rest_phrase(rest))
+    return "; ".join(parts)
+
+
+def _missing_message(missing: list[tuple[int, tuple[str, ...]]]) -> str:
     """``row 9 lacks 'completion'; row 10 lacks 'prompt', 'completion'``: rows grouped by the keys they lack."""
-    groups = _grouped(missing)
-    parts = [f"{_rows_phrase(ns)} {'lack' if len(ns) > 1 else 'lacks'} {', '.join(repr(k) for k in keys)}"
-             for keys, ns in groups[:limit]]
-    rest = sum(len(ns) for _, ns in groups[limit:])
-    if rest:
-        parts.append(f"and {rest} more row{'s lack' if rest > 1 else ' lacks'} other keys")
-    return "; ".join(parts)
+    return _grouped_message(
+        missing, lambda keys, ns: f"{_rows_phrase(ns)} {'lack' if len(ns) > 1 else 'lacks'} "
+                                  f"{', '.join(repr(k) for k in keys)}",
+        lambda rest: f"and {rest} more row{'s lack' if rest > 1 else ' lacks'} other keys")
 
 
-def _dropped_message(bad: list[tuple[int, str]], limit: int = 3) -> str:
+def _dropped_message(bad: list[tuple[int, str]]) -> str:
     """``10 rows dropped (rows 1, 2, 3, 4, 5 and 5 more): empty 'prompt'``: dropped rows grouped by reason."""
-    groups = _grouped(bad)
-    parts = [f"{len(ns)} row{'s' if len(ns) > 1 else ''} dropped ({_rows_phrase(ns)}): {why}"
-             for why, ns in groups[:limit]]
-    rest = sum(len(ns) for _, ns in groups[limit:])
-    if rest:
-        parts.append(f"and {rest} more dropped for other reasons")
-    return "; ".join(parts)
+    return _grouped_message(
+        bad, lambda why, ns: f"{len(ns)} row{'s' if len(ns) > 1 else ''} dropped ({_rows_phrase(ns)}): {why}",
+        lambda rest: f"and {rest} more dropped for other reasons")
 
 
 def _clean(rows: list[dict], fmt: str, label: str, path: str, report: list[Step]) -> list[Row]:
