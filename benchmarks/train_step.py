@@ -12,6 +12,7 @@ set during one step (Linux VmHWM after resetting it), with the allocator made to
 
     python benchmarks/train_step.py              # timings at 4×128, memory at 8×512 (a few minutes on 2 cores)
     python benchmarks/train_step.py --json out.json --repeats 9
+    python benchmarks/train_step.py --no-train --no-inference --mem-batch 0 --attribution   # where the time goes
 """
 
 from __future__ import annotations
@@ -220,6 +221,32 @@ def bench_inference(cfg: dict, args) -> dict:
             "merged_over_base": med["merged"] / med["base"]}
 
 
+def bench_attribution(args) -> dict:
+    """Where loratune's time over the floor goes: all-linear at r=1 and r=16, dropout 0 and 0.05, against the
+    floor with the same (chunked) loss, interleaved, medians. r=1 vs r=16 separates the rank-proportional FLOPs
+    from per-module costs that do not depend on r; dropout 0 vs 0.05 gives the cost of dropout."""
+    from loratune import LoraConfig, get_lora_model, load_base_model
+
+    base, _ = load_base_model()
+    base.requires_grad_(False)
+    steps = {"floor_chunked": (floor_chunked_step, base)}
+    for r in (1, 16):
+        for p in (0.0, 0.05):
+            torch.manual_seed(0)
+            lt = get_lora_model(load_base_model()[0], LoraConfig(r=r, lora_alpha=32, lora_dropout=p,
+                                                                 target_modules="all-linear", init_lora_weights=False))
+            steps[f"r{r} dropout{p}"] = (loratune_step, lt.train())
+    batch = make_batch(args.batch, args.seq, base.config.vocab_size)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for step, model in steps.values():  # warm-up
+        timed(step, model, batch)
+    for i in range(args.repeats):
+        for k in list(steps) if i % 2 == 0 else list(reversed(steps)):
+            times[k].append(timed(*steps[k], batch))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s": med, "over_floor_chunked": {k: v / med["floor_chunked"] for k, v in med.items()}}
+
+
 def print_table(results: list[dict]) -> None:
     print(f"\n{'config':28s} {'floor s':>7s} {'fl_chk s':>8s} {'lt s':>6s} {'peft s':>6s} {'lt/floor':>8s} "
           f"{'lt/fl_chk':>9s} {'lt/peft':>7s} {'peft/fl':>7s} | peak MiB @{results[0].get('memory_tokens', '-')}: "
@@ -246,6 +273,8 @@ def main(argv=None) -> int:
                     help="also time no-grad inference: base vs unmerged vs merged adapter")
     ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                     help="time the training steps (--no-train: inference only)")
+    ap.add_argument("--attribution", action="store_true",
+                    help="also split loratune's overhead: r=1 vs r=16, dropout 0 vs 0.05, against the chunked floor")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here ('-' for stdout)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -273,9 +302,12 @@ def main(argv=None) -> int:
         m = r["median_s"]
         print(f"inference {name}: base {m['base']:.3f}s unmerged {m['unmerged']:.3f}s merged {m['merged']:.3f}s "
               f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f}", flush=True)
+    attribution = bench_attribution(args) if args.attribution else {}
+    for k, v in attribution.get("over_floor_chunked", {}).items():
+        print(f"attribution {k:18s} {attribution['median_s'][k]:.3f}s  /floor_chunked {v:.3f}", flush=True)
     if args.json:
         text = json.dumps({"torch": torch.__version__, "threads": args.threads, "results": results,
-                           "inference": inference}, indent=2)
+                           "inference": inference, "attribution": attribution}, indent=2)
         if args.json == "-":
             print(text)
         else:
