@@ -88,3 +88,18 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert printed in code  # the trainable-parameter line the README shows is the one printed
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
     assert scope["out"].logits.shape[0] == 3
+
+
+@pytest.mark.bundled
+def test_quickstart_runs_end_to_end_on_a_small_scale(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from loratune.quickstart import run_quickstart
+
+    result = run_quickstart(tmp_path, ["train.max_steps=2"], progress=False, n_train=24, n_eval=6)
+    assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
+    printed = capsys.readouterr().out
+    assert "held-out exact match" in printed and "base model" in printed and "with LoRA" in printed
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "loss_curve.png").is_file()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.num_hidden_layers == 30

@@ -23,9 +23,11 @@ QUICKSTART = [
 ]
 
 
-def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True) -> dict:
+def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, n_train: int = 600,
+                   n_eval: int = 100) -> dict:
+    """Run the main job into ``out``; returns held-out exact match before and after, and the seconds taken."""
     t0 = time.time()
-    train_file, eval_file = make_dates_task(out / "data", n_train=600, n_eval=100, seed=0)
+    train_file, eval_file = make_dates_task(out / "data", n_train=n_train, n_eval=n_eval, seed=0)
     cfg = load_run_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
                                  *overrides], defaults=QUICKSTART)
     model, tok = load_base_model(cfg.model)
