@@ -84,27 +84,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import ConfigWarning
 
-    show = warnings.showwarning
-
     def note(message, category, *rest, **kw):  # loratune's own warnings as one plain line, not file:line source
         if issubclass(category, ConfigWarning):
             print(f"loratune {args.command}: note: {message}", file=sys.stderr)
         else:
             show(message, category, *rest, **kw)
 
-    warnings.showwarning = note
-
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line that matters
-    try:
-        return COMMANDS[args.command](args) or 0
-    except LoraTuneError as e:
-        if os.environ.get("LORATUNE_DEBUG"):
-            raise
-        print(f"loratune {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores showwarning when the command ends (main may run in-process)
+        show = warnings.showwarning
+        warnings.showwarning = note
+        try:
+            return COMMANDS[args.command](args) or 0
+        except LoraTuneError as e:
+            if os.environ.get("LORATUNE_DEBUG"):
+                raise
+            print(f"loratune {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 # --- commands -----------------------------------------------------------------------------------------

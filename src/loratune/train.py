@@ -166,9 +166,10 @@ def load_checkpoint(ckpt: Path, model: LoraModel, opt, sched, config_text: str) 
 def _check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     """Refuse to mix two different runs in one output dir (read-only: nothing is written before setup works)."""
     saved = out / "run_config.yaml"
-    if overwrite or not saved.is_file() or saved.read_text() == config_text:
+    old = saved.read_text() if saved.is_file() and not overwrite else config_text
+    if old == config_text:
         return
-    changed = _config_changes(saved.read_text(), config_text)
+    changed = _config_changes(old, config_text)
     raise TrainingError(f"{out} holds a run with a different config ({changed}); pass --overwrite to replace it "
                         "or choose another output_dir")
 
@@ -300,9 +301,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
 
         record = {"step": step, "loss": loss, "lr": lr,
                   "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
-        if data.eval and tc.eval_every and step % tc.eval_every == 0 and step != steps:
-            record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
-        if step == steps and data.eval:
+        if data.eval and (step == steps or (tc.eval_every and step % tc.eval_every == 0)):
             record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
         history.append(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
