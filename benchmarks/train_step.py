@@ -7,10 +7,15 @@ On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, fo
 * loratune: loratune's step: ``causal_lm_loss(lora_model, ...)`` (fused LoRA linears, chunked loss) + backward;
 * PEFT:     PEFT's step with the same LoRA config and the same adapter weights: ``model(labels=...).loss.backward()``.
 
-The three are interleaved, repeated, and compared by medians. Peak memory is the growth of the process's resident
-set during one step (Linux VmHWM after resetting it), with the allocator made to return freed memory at once.
+The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
+repeats of the ratio within each repeat: on a shared 2-core VM the speed drifts by ±10 % over tens of seconds,
+which moves steps run seconds apart together, so within-repeat ratios are steadier than ratios of medians (the
+JSON has both). Timings run with glibc keeping freed memory for reuse (``--malloc retain``, what loratune's
+trainer sets: see ``loratune/runtime.py``), for every contestant. Peak memory is the growth of the process's
+resident set during one step (Linux VmHWM after resetting it), measured after the timings with the allocator made
+to return freed memory at once.
 
-    python benchmarks/train_step.py              # timings at 4×128, memory at 8×512 (a few minutes on 2 cores)
+    python benchmarks/train_step.py              # timings at 4×128, memory at 8×512 (about 12 minutes on 2 cores)
     python benchmarks/train_step.py --json out.json --repeats 9
     python benchmarks/train_step.py --no-train --no-inference --mem-batch 0 --attribution   # where the time goes
 """
@@ -120,11 +125,10 @@ _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
 def exact_rss_accounting():
-    """Make glibc return freed blocks at once (fixed mmap threshold), so the RSS follows live tensors."""
-    if _libc is not None:
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        _libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-        _libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024)
+    """Make glibc return freed blocks at once, so the resident set follows the live tensors."""
+    from loratune.runtime import return_freed_memory
+
+    return_freed_memory(64 * 1024)
 
 
 def _status_kb(field: str) -> int:
@@ -139,6 +143,9 @@ def peak_step_memory_mb(step, model, batch) -> float | None:
     """The growth of the resident set during one step, in MiB (Linux only)."""
     if _libc is None:
         return None
+    from loratune import fused
+
+    fused.clear_mask_cache()  # (loratune holds the last input's dropout mask until the next forward)
     gc.collect()
     _libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -165,12 +172,19 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         for k in order:
             times[k].append(timed(steps[k][0], steps[k][1], small))
     med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a: str, b: str) -> float:  # median over repeats of a/b within each repeat (see the module doc)
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": diff,
         "median_s": med, "all_s": times,
-        "loratune_over_floor": med["loratune"] / med["floor"], "loratune_over_peft": med["loratune"] / med["peft"],
-        "loratune_over_floor_chunked": med["loratune"] / med["floor_chunked"],
-        "peft_over_floor": med["peft"] / med["floor"],
+        "loratune_over_floor": ratio("loratune", "floor"), "loratune_over_peft": ratio("loratune", "peft"),
+        "loratune_over_floor_chunked": ratio("loratune", "floor_chunked"),
+        "peft_over_floor": ratio("peft", "floor"),
+        "ratio_of_medians": {"loratune_over_floor": med["loratune"] / med["floor"],
+                             "loratune_over_peft": med["loratune"] / med["peft"],
+                             "peft_over_floor": med["peft"] / med["floor"]},
     }
     del base, lt, pm
     gc.collect()
@@ -217,8 +231,9 @@ def bench_inference(cfg: dict, args) -> dict:
         for k in list(runs) if i % 2 == 0 else list(reversed(runs)):
             times[k].append(runs[k]())
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "unmerged_over_base": med["unmerged"] / med["base"],
-            "merged_over_base": med["merged"] / med["base"]}
+    return {"median_s": med, "all_s": times,
+            "unmerged_over_base": statistics.median(a / b for a, b in zip(times["unmerged"], times["base"])),
+            "merged_over_base": statistics.median(a / b for a, b in zip(times["merged"], times["base"]))}
 
 
 def bench_attribution(args) -> dict:
@@ -244,7 +259,9 @@ def bench_attribution(args) -> dict:
         for k in list(steps) if i % 2 == 0 else list(reversed(steps)):
             times[k].append(timed(*steps[k], batch))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "over_floor_chunked": {k: v / med["floor_chunked"] for k, v in med.items()}}
+    fl = times["floor_chunked"]
+    return {"median_s": med, "over_floor_chunked": {k: statistics.median(a / b for a, b in zip(v, fl))
+                                                    for k, v in times.items()}}
 
 
 def print_table(results: list[dict]) -> None:
@@ -264,10 +281,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--mem-batch", type=int, default=8, help="batch for the peak-memory step (0: skip)")
     ap.add_argument("--mem-seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                    help="retain: glibc keeps freed memory for reuse, as loratune's trainer sets it (for every "
+                         "contestant); default: glibc's own behaviour")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"any of {list(CONFIGS)}")
     ap.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
                     help="also time no-grad inference: base vs unmerged vs merged adapter")
@@ -278,6 +298,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here ('-' for stdout)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        from loratune.runtime import retain_freed_memory
+
+        retain_freed_memory()
     results = []
     for name in args.configs if args.train else []:
         r = bench_config(name, CONFIGS[name], args)
@@ -306,7 +330,8 @@ def main(argv=None) -> int:
     for k, v in attribution.get("over_floor_chunked", {}).items():
         print(f"attribution {k:18s} {attribution['median_s'][k]:.3f}s  /floor_chunked {v:.3f}", flush=True)
     if args.json:
-        text = json.dumps({"torch": torch.__version__, "threads": args.threads, "results": results,
+        text = json.dumps({"torch": torch.__version__, "threads": args.threads, "malloc": args.malloc,
+                           "repeats": args.repeats, "results": results,
                            "inference": inference, "attribution": attribution}, indent=2)
         if args.json == "-":
             print(text)

@@ -106,9 +106,15 @@ def test_masks_follow_torch_seed_and_differ_between_draws():
 def test_dropout_keeps_the_expectation():
     torch.manual_seed(0)
     x, W, b, A, B = _tensors(torch.float64, lead=(20000,))
-    x = x.detach()
-    mean = fused.lora_linear(x, W, b, A, B, 1.0, 0.5, training=True).mean(0)
-    torch.testing.assert_close(mean, _reference(x, W, b, A, B, 1.0).mean(0), rtol=0.05, atol=0.05)
+    x = x.detach() + 1  # not zero-mean, so that a wrong scale shows in the mean
+    noise = fused.lora_linear(x, W, b, A, B, 1.0, 0.5, training=True) - _reference(x, W, b, A, B, 1.0)
+    # Inverted dropout is unbiased: each row's noise has mean zero, so the column means are within 5 standard
+    # errors of zero (a missing or wrong 1/(1-p) rescale shifts them by tens of standard errors).
+    se = noise.std(0) / len(noise) ** 0.5
+    assert (noise.mean(0).abs() < 5 * se).all()
+    with torch.no_grad():
+        biased = fused.lora_linear(x, W, b, A, B, 0.5, 0.5, training=True) - _reference(x, W, b, A, B, 1.0)
+    assert (biased.mean(0).abs() > 5 * se).any()  # the check itself can tell a wrong scale
 
 
 def _sibling_layers(p, dtype=torch.float32):
@@ -133,6 +139,25 @@ def test_siblings_share_a_mask_and_repeat_calls_do_not(record_masks):
     x.mul_(1.0)
     k(x)
     assert len(record_masks) == 4  # x changed in place: a fresh mask
+
+
+def test_dropout_saves_x_and_a_bool_mask_not_a_dropped_copy():
+    q, k, v = _sibling_layers(0.2)
+    x = torch.randn(6, 24, requires_grad=True)
+    h = x * 1  # the layers' input: an intermediate, as in a model
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [layer(h) for layer in (q, k, v)]
+    big = [t for t in saved if t.shape == h.shape]
+    assert big and all(t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for t in big
+                       if t.is_floating_point())  # h itself, never h⊙mask
+    assert [t.dtype for t in big if not t.is_floating_point()] == [torch.bool] * 3  # the one shared mask
+    draw = fused._state.mask_cache["drop"]
+    assert draw.xd is not None  # held for the siblings while h is the current input...
+    q(torch.randn(6, 24))
+    assert draw.xd is None  # ...and let go once another input comes
+    sum(o.sum() for o in outs).backward()
+    assert draw.pending == 0 and draw.fm is None and draw.bxd is None  # the backward's shared temporaries are gone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
