@@ -10,10 +10,11 @@ On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, fo
 The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
 repeats of the ratio within each repeat: on a shared 2-core VM the speed drifts by ±10 % over tens of seconds,
 which moves steps run seconds apart together, so within-repeat ratios are steadier than ratios of medians (the
-JSON has both). Timings run with glibc keeping freed memory for reuse (``--malloc retain``, what loratune's
-trainer sets: see ``loratune/runtime.py``), for every contestant. Peak memory is the growth of the process's
-resident set during one step (Linux VmHWM after resetting it), measured after the timings with the allocator made
-to return freed memory at once.
+JSON has both). ``--malloc retain`` makes glibc keep freed memory for reuse, for every contestant: page faults on
+re-touched activations cost 1-5 µs each on this VM, and the contestants allocate differently, so this shows how
+much of a ratio is the allocator's. Peak memory is the growth of the process's resident set during one step
+(Linux VmHWM after resetting it), measured after the timings with the allocator made to return freed memory at
+once.
 
     python benchmarks/train_step.py              # timings at 4×128, memory at 8×512 (about 12 minutes on 2 cores)
     python benchmarks/train_step.py --json out.json --repeats 9
@@ -122,13 +123,23 @@ def timed(step, model, batch) -> float:
 
 
 _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameters (malloc.h)
+
+
+def retain_freed_memory():
+    """glibc keeps freed memory mapped for reuse (no mmap for big blocks, no trimming), as a caching allocator
+    would: no page faults for re-touching freed activations every step (1-5 µs each on this VM)."""
+    if _libc is not None:
+        _libc.mallopt(_M_MMAP_MAX, 0)
+        _libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def exact_rss_accounting():
-    """Make glibc return freed blocks at once, so the resident set follows the live tensors."""
-    from loratune.runtime import return_freed_memory
-
-    return_freed_memory(64 * 1024)
+    """Make glibc return freed blocks at once (fixed mmap threshold), so the RSS follows live tensors."""
+    if _libc is not None:
+        _libc.mallopt(_M_MMAP_MAX, 65536)
+        _libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        _libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024)
 
 
 def _status_kb(field: str) -> int:
@@ -285,9 +296,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-batch", type=int, default=8, help="batch for the peak-memory step (0: skip)")
     ap.add_argument("--mem-seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
-                    help="retain: glibc keeps freed memory for reuse, as loratune's trainer sets it (for every "
-                         "contestant); default: glibc's own behaviour")
+    ap.add_argument("--malloc", choices=["default", "retain"], default="default",
+                    help="default: glibc as it comes; retain: glibc keeps freed memory for reuse (for every "
+                         "contestant), the allocator sensitivity check")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"any of {list(CONFIGS)}")
     ap.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
                     help="also time no-grad inference: base vs unmerged vs merged adapter")
@@ -299,8 +310,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.malloc == "retain":
-        from loratune.runtime import retain_freed_memory
-
         retain_freed_memory()
     results = []
     for name in args.configs if args.train else []:

@@ -155,7 +155,7 @@ def test_dropout_saves_x_and_a_bool_mask_not_a_dropped_copy():
     draw = fused._state.mask_cache["drop"]
     assert draw.xd is not None  # held for the siblings while h is the current input...
     q(torch.randn(6, 24))
-    assert draw.xd is None  # ...and let go once another input comes
+    assert draw.xd is None and draw.mask is None  # ...and let go once another input comes (the nodes saved it)
     sum(o.sum() for o in outs).backward()
     assert draw.pending == 0 and draw.fm is None and draw.bxd is None  # the backward's shared temporaries are gone
 

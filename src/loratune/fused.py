@@ -82,9 +82,9 @@ def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 class _Dropped:
     """One dropout draw on one input tensor x, shared by the modules that read x (q/k/v, gate/up).
 
-    Forward: the first module draws the mask and computes x⊙mask; the siblings reuse both. x⊙mask is held here
-    only until the next input replaces this draw (or x dies): the modules' nodes save x and the bool mask, not
-    x⊙mask, so the forward allocates no tokens × in tensor that lives until the backward.
+    Forward: the first module draws the mask and computes x⊙mask; the siblings reuse both. Both are held here only
+    until the next input replaces this draw (or x dies): the modules' nodes save x and the bool mask, not x⊙mask,
+    so the forward allocates no tokens × in tensor that lives until the backward.
     Backward: the siblings' backward passes come one after another; the first rebuilds the float mask and x⊙mask
     (as temporaries, in memory the allocator has just had back), the others reuse them, the last drops them.
     """
@@ -130,20 +130,21 @@ def _shared_dropout(x: torch.Tensor, x2: torch.Tensor, p: float, consumer: objec
     d = _Dropped(mask, _masked(x2, mask))
     dref = weakref.ref(d)
 
-    def let_go(_, dref=dref):  # x died: nobody can ask for x⊙mask again
+    def let_go(_, dref=dref):  # x died: no sibling can come for the draw any more
         d = dref()
         if d is not None:
-            d.xd = None
+            d.xd = d.mask = None
 
     _state.mask_cache = {"x": weakref.ref(x, let_go), "key": key, "drop": d, "consumers": {id(consumer)}}
     return d
 
 
 def clear_mask_cache() -> None:
-    """Forget the current input's dropout draw (its x⊙mask is freed; the nodes that need the mask saved it)."""
+    """Forget the current input's dropout draw: x⊙mask is freed, and the mask is left to the nodes that saved it
+    (so that checkpointing, which drops saved tensors, really frees it)."""
     c = getattr(_state, "mask_cache", None)
     if c is not None:
-        c["drop"].xd = None
+        c["drop"].xd = c["drop"].mask = None
     _state.mask_cache = None
 
 

@@ -31,7 +31,6 @@ from .evaluate import eval_loss, response_loss_sum
 from .io import public_modes, save_json, save_tensors
 from .model import LoraModel, get_lora_model
 from .runconfig import RunConfig, dump_run_config
-from .runtime import retain_freed_memory
 
 CHECKPOINTS = "checkpoints"
 PROMPT_FILE = "loratune_prompt.json"  # how prompts were built in training, for eval/generate/chat
@@ -221,7 +220,6 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
 
     ``stop_after`` ends the run after that many steps as if killed (tests of resume use it).
     """
-    retain_freed_memory()  # freed activations stay mapped for the next step: see runtime.py
     rank, world = _dist_setup()
     tc = cfg.train
     out = Path(cfg.output_dir)
