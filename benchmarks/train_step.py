@@ -74,6 +74,11 @@ def peft_step(model, batch):
     model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over repeats of a/b within each repeat (see the module doc)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def zero_grads(model):
     for p in model.parameters():
         p.grad = None
@@ -184,8 +189,8 @@ def bench_config(name: str, cfg: dict, args) -> dict:
             times[k].append(timed(steps[k][0], steps[k][1], small))
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    def ratio(a: str, b: str) -> float:  # median over repeats of a/b within each repeat (see the module doc)
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    def ratio(a: str, b: str) -> float:
+        return paired_ratio(times[a], times[b])
 
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": diff,
@@ -243,8 +248,8 @@ def bench_inference(cfg: dict, args) -> dict:
             times[k].append(runs[k]())
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med, "all_s": times,
-            "unmerged_over_base": statistics.median(a / b for a, b in zip(times["unmerged"], times["base"])),
-            "merged_over_base": statistics.median(a / b for a, b in zip(times["merged"], times["base"]))}
+            "unmerged_over_base": paired_ratio(times["unmerged"], times["base"]),
+            "merged_over_base": paired_ratio(times["merged"], times["base"])}
 
 
 def bench_attribution(args) -> dict:
@@ -270,9 +275,8 @@ def bench_attribution(args) -> dict:
         for k in list(steps) if i % 2 == 0 else list(reversed(steps)):
             times[k].append(timed(*steps[k], batch))
     med = {k: statistics.median(v) for k, v in times.items()}
-    fl = times["floor_chunked"]
-    return {"median_s": med, "over_floor_chunked": {k: statistics.median(a / b for a, b in zip(v, fl))
-                                                    for k, v in times.items()}}
+    return {"median_s": med,
+            "over_floor_chunked": {k: paired_ratio(v, times["floor_chunked"]) for k, v in times.items()}}
 
 
 def print_table(results: list[dict]) -> None:
