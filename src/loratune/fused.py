@@ -6,10 +6,11 @@ path adds, per module, a float dropout mask and a dropped-out copy of x (both sa
 over the full output, and as many autograd nodes; on CPU the dropout's random numbers alone cost about half a base
 matmul. Here:
 
-* the LoRA term is accumulated into the base output with ``addmm_`` (no tokens × out temporaries);
-* the dropout mask is a bool tensor (1 byte per element instead of a float mask plus a float copy of x), drawn from a
-  fast bit generator seeded from torch's RNG (so ``torch.manual_seed`` and gradient checkpointing's RNG replay
-  reproduce it), and the 1/(1-p) of inverted dropout is folded into the scalar s;
+* the thin LoRA product is written first and the base matmul accumulates into it (``addmm_``): no tokens × out
+  temporaries and no second pass over the output;
+* the dropout mask is a bool tensor saved with x itself (1 byte per element instead of a float mask plus a float
+  copy of x), drawn from a fast bit generator seeded from torch's RNG (so ``torch.manual_seed`` and gradient
+  checkpointing's RNG replay reproduce it), and the 1/(1-p) of inverted dropout is folded into the scalar s;
 * sibling modules that read the same input tensor (q/k/v, gate/up) share one mask: each module still sees exactly
   inverted dropout with rate p, as the marginal of its own term;
 * the backward computes only what is needed, bracketed so every LoRA intermediate is tokens × r, and never the
