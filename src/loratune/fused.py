@@ -74,10 +74,15 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torc
     return torch.from_numpy(keep).view(shape)
 
 
+def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """keep as 0/1 values of ``dtype``. float × bool runs an unvectorized type-promotion loop (~20× a float multiply
+    on CPU); going through uint8 -> float, both vectorized, costs about one extra pass."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """t ⊙ keep. float × bool runs an unvectorized type-promotion loop (~20× a float multiply on CPU); going
-    through uint8 -> float, both vectorized, costs about one extra pass."""
-    return t if keep is None else t * keep.view(torch.uint8).to(t.dtype)
+    """t ⊙ keep."""
+    return t if keep is None else t * _as_float(keep, t.dtype)
 
 
 class _Dropped:
@@ -100,7 +105,7 @@ class _Dropped:
     def backward_operands(self, x2: torch.Tensor, mask: torch.Tensor, need_xd: bool):
         """(float mask, x⊙mask or None) for one module's backward; ``mask`` is the saved (maybe recomputed) one."""
         if self.fm is None:
-            self.fm = mask.view(torch.uint8).to(x2.dtype)
+            self.fm = _as_float(mask, x2.dtype)
         if need_xd and self.bxd is None:
             self.bxd = x2 * self.fm
         return self.fm, self.bxd if need_xd else None
