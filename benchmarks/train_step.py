@@ -27,6 +27,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -303,7 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--malloc", choices=["default", "retain"], default="default",
                     help="default: glibc as it comes; retain: glibc keeps freed memory for reuse (for every "
                          "contestant), the allocator sensitivity check")
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"any of {list(CONFIGS)}")
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
+                    help=f"any of {list(CONFIGS)}")
     ap.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
                     help="also time no-grad inference: base vs unmerged vs merged adapter")
     ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
@@ -312,6 +314,10 @@ def main(argv=None) -> int:
                     help="also split loratune's overhead: r=1 vs r=16, dropout 0 vs 0.05, against the chunked floor")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here ('-' for stdout)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1 (medians need a timing)")
+    if args.json and args.json != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json {args.json}: its directory does not exist (create it first; checked now, not after the run)")
     torch.set_num_threads(args.threads)
     if args.malloc == "retain":
         retain_freed_memory()

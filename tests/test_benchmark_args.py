@@ -1,0 +1,27 @@
+"""The train-step benchmark refuses bad arguments at once, with one line, before loading any model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "train_step", Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py")
+train_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_step)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--configs", "nope"], "invalid choice: 'nope'"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--json", "/nonexistent-dir/out.json"], "its directory does not exist"),
+    (["--malloc", "fast"], "invalid choice: 'fast'"),
+])
+def test_bad_arguments_are_one_line_errors(argv, says, capsys, monkeypatch):
+    monkeypatch.setattr(train_step, "bench_config", lambda *a: pytest.fail("ran a benchmark"))
+    with pytest.raises(SystemExit) as e:
+        train_step.main(argv)
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
