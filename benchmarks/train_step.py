@@ -162,7 +162,7 @@ def peak_step_memory_mb(step, model, batch) -> float | None:
         return None
     from loratune import fused
 
-    fused.clear_mask_cache()  # (loratune holds the last input's dropout mask until the next forward)
+    fused.release_workspace()  # (loratune keeps its dropout workspace from step to step)
     gc.collect()
     _libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune import LoraConfig, fused, get_lora_model
+from loratune import dropout as seeded
 from loratune import functional as LF
 from loratune.layers import BASE, Conv1DLora, LinearLora
 
@@ -18,18 +19,28 @@ from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
+@pytest.fixture(params=["native", "numpy"])
+def dropout_impl(request, monkeypatch):
+    """Run a test with the compiled dropout kernel and again with the numpy fallback (they draw the same bits)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(seeded, "_kernel", None)
+    else:
+        assert seeded.kernel() is not None, "the dropout kernel did not build on this machine"
+    return request.param
+
+
 @pytest.fixture
 def record_masks(monkeypatch):
-    """Every mask the fused path draws, in order (the keep masks, before the 1/(1-p) rescale)."""
+    """Every dropout draw the fused path makes, in order, as its keep mask (before the 1/(1-p) rescale)."""
     masks = []
-    draw = fused.dropout_keep_mask
+    draw = fused.new_draw
 
     def recording(shape, p, device):
-        m = draw(shape, p, device)
-        masks.append(m)
-        return m
+        d = draw(shape, p, device)
+        masks.append(d.keep(shape))
+        return d
 
-    monkeypatch.setattr(fused, "dropout_keep_mask", recording)
+    monkeypatch.setattr(fused, "new_draw", recording)
     return masks
 
 
@@ -54,7 +65,7 @@ def _grads(out, inputs, seed=1):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_linear_matches_reference(dtype, p, record_masks):
+def test_fused_linear_matches_reference(dtype, p, record_masks, dropout_impl):
     x, W, b, A, B = _tensors(dtype)
     out = fused.lora_linear(x, W, b, A, B, 1.7, p, training=True)
     mask = record_masks[0] if p else None
@@ -85,25 +96,16 @@ def test_only_needed_gradients_are_computed():
     assert rel_err(gA, rA) <= 1e-5 and rel_err(gB, rB) <= 1e-5
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_dropout_rate_is_statistically_right(p):
-    torch.manual_seed(0)
-    n = 2_000_000
-    keep = fused.dropout_keep_mask(torch.Size([n]), p, torch.device("cpu")).double().mean().item()
-    sigma = (p * (1 - p) / n) ** 0.5
-    assert abs(keep - (1 - p)) < 5 * sigma
-
-
-def test_masks_follow_torch_seed_and_differ_between_draws():
+def test_draws_follow_torch_seed_and_differ():
     shape, cpu = torch.Size([64, 64]), torch.device("cpu")
     torch.manual_seed(3)
-    a, b = fused.dropout_keep_mask(shape, 0.5, cpu), fused.dropout_keep_mask(shape, 0.5, cpu)
+    a, b = fused.new_draw(shape, 0.5, cpu).keep(shape), fused.new_draw(shape, 0.5, cpu).keep(shape)
     torch.manual_seed(3)
-    assert torch.equal(fused.dropout_keep_mask(shape, 0.5, cpu), a)
+    assert torch.equal(fused.new_draw(shape, 0.5, cpu).keep(shape), a)
     assert not torch.equal(a, b)
 
 
-def test_dropout_keeps_the_expectation():
+def test_dropout_keeps_the_expectation(dropout_impl):
     torch.manual_seed(0)
     x, W, b, A, B = _tensors(torch.float64, lead=(20000,))
     x = x.detach() + 1  # not zero-mean, so that a wrong scale shows in the mean
@@ -141,7 +143,7 @@ def test_siblings_share_a_mask_and_repeat_calls_do_not(record_masks):
     assert len(record_masks) == 4  # x changed in place: a fresh mask
 
 
-def test_dropout_saves_x_and_a_bool_mask_not_a_dropped_copy():
+def test_dropout_saves_x_only_no_mask_and_no_dropped_copy():
     q, k, v = _sibling_layers(0.2)
     x = torch.randn(6, 24, requires_grad=True)
     h = x * 1  # the layers' input: an intermediate, as in a model
@@ -149,15 +151,37 @@ def test_dropout_saves_x_and_a_bool_mask_not_a_dropped_copy():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         outs = [layer(h) for layer in (q, k, v)]
     big = [t for t in saved if t.shape == h.shape]
-    assert big and all(t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for t in big
-                       if t.is_floating_point())  # h itself, never h⊙mask
-    assert [t.dtype for t in big if not t.is_floating_point()] == [torch.bool] * 3  # the one shared mask
-    draw = fused._state.mask_cache["drop"]
-    assert draw.xd is not None  # held for the siblings while h is the current input...
-    q(torch.randn(6, 24))
-    assert draw.xd is None and draw.mask is None  # ...and let go once another input comes (the nodes saved it)
+    assert len(big) == 3 and all(t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for t in big)
+    # h itself (once per sibling), never h⊙mask, and no mask: the backward rebuilds it from the draw's seed
+    assert not [t for t in saved if t.dtype == torch.bool]
     sum(o.sum() for o in outs).backward()
-    assert draw.pending == 0 and draw.fm is None and draw.bxd is None  # the backward's shared temporaries are gone
+    assert x.grad is not None and fused._state.workspace["backward"][0] is not None  # x⊙mask rebuilt there
+
+
+def test_workspace_rebuilt_when_another_draw_took_it(record_masks):
+    """x⊙mask lives in a workspace buffer that the next draw overwrites; a module whose draw finds it taken
+    rebuilds it. The backward here alternates draws: v(x'), q(y), k(x), q(x) (autograd runs later nodes first)."""
+    p = 0.3
+    q, k, v = _sibling_layers(p, torch.float64)
+    x = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    calls = [(q, x), (k, x), (q, y), (v, x)]  # v after y: x is no longer the current input, a new draw
+    outs = [layer(t) for layer, t in calls]
+    assert len(record_masks) == 3
+    masks = [record_masks[i] for i in (0, 0, 1, 2)]
+    buf = fused._state.workspace["forward"][0]
+    assert torch.equal(buf[:x.numel()].view(x.shape), x.detach() * masks[3])  # the newest draw holds it
+    params = [x, y] + [t for L in (q, k, v) for t in (L.adapters["a"].lora_A, L.adapters["a"].lora_B)]
+    gs = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, params, gs)
+    refs = [_reference(t, L.weight, L.base_layer.bias, L.adapters["a"].lora_A, L.adapters["a"].lora_B,
+                       L.adapters["a"].scaling, m, p) for (L, t), m in zip(calls, masks)]
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) <= 1e-12
+    for a, b in zip(got, torch.autograd.grad(refs, params, gs)):
+        assert rel_err(a, b) <= 1e-12
+    fused.release_workspace()
+    assert fused._state.workspace is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -322,3 +346,27 @@ def test_unmerged_inference_and_merge_agree():
         merged = lm(input_ids=x).logits
         lm.unmerge_adapter()
     assert rel_err(fast, ref) <= 1e-6 and rel_err(merged, ref) <= 1e-5
+
+
+def test_stored_masks_path_matches_reference_and_checkpointing(monkeypatch, record_masks):
+    """Off CPU a draw is a bool mask that the nodes save (no seeded kernel there); run that path here."""
+    monkeypatch.setattr(fused, "_seeded_masks", lambda device: False)
+    p = 0.25
+    layers = _sibling_layers(p, torch.float64)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [layer(x) for layer in layers]
+    (mask,) = record_masks
+    assert [t.dtype for t in saved if t.dtype == torch.bool] == [torch.bool] * 3  # the one mask, saved by each
+    layers[0](torch.randn(2, 24, dtype=torch.float64))  # the next input: the cache lets go of the mask
+    params = [x] + [t for layer in layers for t in (layer.adapters["a"].lora_A, layer.adapters["a"].lora_B)]
+    gs = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, params, gs)
+    refs = [_reference(x, layer.weight, layer.base_layer.bias, layer.adapters["a"].lora_A,
+                       layer.adapters["a"].lora_B, layer.adapters["a"].scaling, mask, p) for layer in layers]
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) <= 1e-12
+    for a, b in zip(got, torch.autograd.grad(refs, params, gs)):
+        assert rel_err(a, b) <= 1e-12
+    test_gradient_checkpointing_recomputes_the_same_masks()  # checkpointing drops and recomputes stored masks

@@ -8,10 +8,12 @@ matmul. Here:
 
 * the thin LoRA product is written first and the base matmul accumulates into it (``addmm_``): no tokens × out
   temporaries and no second pass over the output;
-* the dropout mask is a bool tensor saved with x itself (1 byte per element instead of a float mask plus a float
-  copy of x), drawn from a fast bit generator seeded from torch's RNG (so ``torch.manual_seed`` and gradient
-  checkpointing's RNG replay reproduce it), and the 1/(1-p) of inverted dropout is folded into the scalar s;
-* sibling modules that read the same input tensor (q/k/v, gate/up) share one mask: each module still sees exactly
+* dropout on CPU is a seed, not a mask (``dropout.py``): a compiled kernel applies the mask while drawing it, the
+  backward rebuilds it the same way, and nothing mask-sized is saved; x⊙mask is made in a workspace buffer kept
+  from step to step (fresh tokens × in tensors cost as much in page faults as the work on them). The seed comes
+  from torch's RNG, so ``torch.manual_seed`` and gradient checkpointing's RNG replay reproduce the masks, and the
+  1/(1-p) of inverted dropout is folded into the scalar s;
+* sibling modules that read the same input tensor (q/k/v, gate/up) share one draw: each module still sees exactly
   inverted dropout with rate p, as the marginal of its own term;
 * the backward computes only what is needed, bracketed so every LoRA intermediate is tokens × r, and never the
   frozen weight's gradient.
@@ -28,8 +30,9 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-import numpy as np
 import torch
+
+from . import dropout as seeded
 
 _state = threading.local()
 _ENABLED = os.environ.get("LORATUNE_FUSED", "1") != "0"
@@ -50,108 +53,108 @@ def enabled(flag: bool = True) -> Iterator[None]:
         _state.enabled = before
 
 
-# --- dropout masks -----------------------------------------------------------------------------------------------
-def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask, True with probability 1 - p, drawn from torch's RNG state (reproducible, checkpoint-safe).
+# --- dropout draws -----------------------------------------------------------------------------------------------
+class Draw:
+    """One dropout draw on one input tensor, shared by the modules that read it (q/k/v, gate/up).
 
-    On CPU torch's bernoulli costs ~6 ns per element. Instead one 64-bit seed is taken from torch's generator and
-    SFC64 supplies one random byte r per element (~0.4 ns): with p·256 = t + f (t whole, 0 ≤ f < 1), drop iff r < t,
-    or r == t and a further 32-bit draw falls below f·2³² (1 element in 256 needs it). P(drop) = (t + f)/256 = p,
-    exact to 2⁻⁴⁰. (Drawing in pieces on a second thread was tried: in a training step it was slower.)
-    """
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
-    n = shape.numel()
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    gen = np.random.SFC64(seed)
-    r = gen.random_raw((n + 7) // 8).view(np.uint8)[:n]  # eight random bytes per 64-bit draw
-    t, f = divmod(p * 256, 1)
-    t = np.uint8(t)  # an int, not a float: comparing bytes with a float would convert them all to float64
-    keep = r > t
-    edge = np.flatnonzero(r == t)  # the byte alone cannot decide these
-    if len(edge):
-        keep[edge] = (gen.random_raw(len(edge)) >> np.uint64(32)) >= round(f * 2**32)
-    return torch.from_numpy(keep).view(shape)
-
-
-def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """keep as 0/1 values of ``dtype``. float × bool runs an unvectorized type-promotion loop (~20× a float multiply
-    on CPU); going through uint8 -> float, both vectorized, costs about one extra pass."""
-    return keep.view(torch.uint8).to(dtype)
-
-
-def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """t ⊙ keep."""
-    return t if keep is None else t * _as_float(keep, t.dtype)
-
-
-class _Dropped:
-    """One dropout draw on one input tensor x, shared by the modules that read x (q/k/v, gate/up).
-
-    Forward: the first module draws the mask and computes x⊙mask; the siblings reuse both. Both are held here only
-    until the next input replaces this draw (or x dies): the modules' nodes save x and the bool mask, not x⊙mask,
-    so the forward allocates no tokens × in tensor that lives until the backward.
-    Backward: the siblings' backward passes come one after another; the first rebuilds the float mask and x⊙mask
-    (as temporaries, in memory the allocator has just had back), the others reuse them, the last drops them.
+    On CPU a draw is a seed (``dropout.py``): the mask is a pure function of the seed and the element index, the
+    kernel applies it while drawing it, and the backward rebuilds it, so no mask is ever saved. Elsewhere it is a
+    bool mask from torch's bernoulli, which the modules' nodes save.
     """
 
-    __slots__ = ("mask", "xd", "pending", "fm", "bxd", "__weakref__")
+    __slots__ = ("p", "seed", "mask", "__weakref__")
 
-    def __init__(self, mask: torch.Tensor, xd: torch.Tensor):
-        self.mask, self.xd = mask, xd
-        self.pending = 0  # modules whose backward still needs fm / bxd
-        self.fm = self.bxd = None
+    def __init__(self, shape: torch.Size, p: float, device: torch.device):
+        self.p = p
+        self.seed = seeded.new_seed() if _seeded_masks(device) else None
+        self.mask = None if self.seed is not None else torch.empty(shape, dtype=torch.bool, device=device
+                                                                   ).bernoulli_(1 - p)
 
-    def backward_operands(self, x2: torch.Tensor, mask: torch.Tensor, need_xd: bool):
-        """(float mask, x⊙mask or None) for one module's backward; ``mask`` is the saved (maybe recomputed) one."""
-        if self.fm is None:
-            self.fm = _as_float(mask, x2.dtype)
-        if need_xd and self.bxd is None:
-            self.bxd = x2 * self.fm
-        return self.fm, self.bxd if need_xd else None
+    def keep(self, shape: torch.Size) -> torch.Tensor:
+        """The keep mask (bool) of an input of this shape; for checking against a reference."""
+        return seeded.keep_mask(shape, self.seed, self.p) if self.seed is not None else self.mask.view(shape)
 
-    def release(self) -> None:
-        self.pending -= 1
-        if self.pending <= 0:
-            self.fm = self.bxd = None
+    def apply(self, src: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """out = src ⊙ keep (``out`` may be ``src``); ``mask``: the saved (maybe recomputed) mask, off CPU."""
+        if self.seed is not None:
+            return seeded.apply_mask(src, self.seed, self.p, out=out)
+        mask = self.mask if mask is None else mask
+        return torch.mul(src, mask.view(src.shape).view(torch.uint8).to(src.dtype), out=out)
 
 
-def _shared_dropout(x: torch.Tensor, x2: torch.Tensor, p: float, consumer: object) -> _Dropped:
-    """The dropout draw for the module ``consumer`` reading ``x`` (x2: x as tokens × in).
+def _seeded_masks(device: torch.device) -> bool:
+    """Whether draws on ``device`` are seeds (CPU: the kernel rebuilds masks) or stored bool masks."""
+    return device.type == "cpu"
 
-    Siblings (q/k/v, gate/up) receive the identical tensor object, so the first one draws the mask and the others
-    reuse it. The same module calling twice on the same tensor gets a new mask (dropout must not repeat itself),
-    and an in-place change of x (its version counter) invalidates the entry. The mask is held until the next entry
-    replaces it (so siblings agree even where nothing saves it, e.g. reentrant checkpointing's no-grad pass).
-    With gradient checkpointing the recomputed forward makes the same calls in the same order from the same RNG
-    state, so it rebuilds the same masks.
+
+def new_draw(shape: torch.Size, p: float, device: torch.device) -> Draw:
+    return Draw(shape, p, device)
+
+
+def _masked_input(slot: str, draw: Draw, x2: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 ⊙ keep in this thread's workspace buffer ``slot`` ("forward" or "backward"), computed once per draw.
+
+    The siblings' forward calls (and, separately, their backward calls) come one after another, so the first
+    computes x⊙mask and the others find it here. It lives in a buffer kept from step to step rather than in a
+    fresh tensor: a tokens × in tensor allocated anew costs as much in page faults as computing it. The buffer is
+    tagged with the draw and x's storage and version; any other draw, or a changed x, overwrites it (always
+    correct, since it is a function of x and the draw)."""
+    ws = getattr(_state, "workspace", None)
+    if ws is None:
+        ws = _state.workspace = {}
+    tag = (draw, x2.data_ptr(), x2._version, x2.shape, x2.stride())
+    buf, old = ws.get(slot, (None, None))
+    n = x2.numel()
+    if buf is not None and old == tag and buf.dtype == x2.dtype and buf.device == x2.device:
+        return buf[:n].view(x2.shape)
+    if buf is None or buf.numel() < n or buf.dtype != x2.dtype or buf.device != x2.device:
+        ws[slot] = (None, None)  # let the old buffer go before allocating the new one
+        buf = torch.empty(n, dtype=x2.dtype, device=x2.device)
+    out = buf[:n].view(x2.shape)
+    draw.apply(x2, out, mask)
+    ws[slot] = (buf, tag)
+    return out
+
+
+def _shared_draw(x: torch.Tensor, p: float, consumer: object) -> Draw:
+    """The dropout draw for the module ``consumer`` reading ``x``.
+
+    Siblings (q/k/v, gate/up) receive the identical tensor object, so the first one draws and the others reuse the
+    draw. The same module calling twice on the same tensor gets a new draw (dropout must not repeat itself), and an
+    in-place change of x (its version counter) invalidates the entry. With gradient checkpointing the recomputed
+    forward makes the same calls in the same order from the same RNG state, so it makes the same draws.
     """
     c = getattr(_state, "mask_cache", None)
     key = (x._version, p, x.shape, x.dtype)
     if c is not None and c["x"]() is x and c["key"] == key and id(consumer) not in c["consumers"]:
         c["consumers"].add(id(consumer))
-        return c["drop"]
-    clear_mask_cache()  # the previous input's siblings are done: its x⊙mask can go now
-    mask = dropout_keep_mask(x2.shape, p, x.device)
-    d = _Dropped(mask, _masked(x2, mask))
-    dref = weakref.ref(d)
+        return c["draw"]
+    clear_mask_cache()
+    draw = new_draw(x.shape, p, x.device)
+    dref = weakref.ref(draw)
 
-    def let_go(_, dref=dref):  # x died: no sibling can come for the draw any more
+    def let_go(_, dref=dref):  # x died: no sibling can come for the draw; a stored mask is left to the nodes
         d = dref()
         if d is not None:
-            d.xd = d.mask = None
+            d.mask = None
 
-    _state.mask_cache = {"x": weakref.ref(x, let_go), "key": key, "drop": d, "consumers": {id(consumer)}}
-    return d
+    _state.mask_cache = {"x": weakref.ref(x, let_go), "key": key, "draw": draw, "consumers": {id(consumer)}}
+    return draw
 
 
 def clear_mask_cache() -> None:
-    """Forget the current input's dropout draw: x⊙mask is freed, and the mask is left to the nodes that saved it
-    (so that checkpointing, which drops saved tensors, really frees it)."""
+    """Forget the current input's dropout draw (a stored mask is left to the nodes that saved it, so that
+    checkpointing, which drops saved tensors, really frees it)."""
     c = getattr(_state, "mask_cache", None)
     if c is not None:
-        c["drop"].xd = c["drop"].mask = None
+        c["draw"].mask = None
     _state.mask_cache = None
+
+
+def release_workspace() -> None:
+    """Free this thread's dropout workspace buffers (they are kept from step to step; see ``_masked_input``)."""
+    clear_mask_cache()
+    _state.workspace = None
 
 
 # --- the fused LoRA linear ---------------------------------------------------------------------------------------
@@ -167,45 +170,38 @@ def _forward(x2, xd, weight, bias, A, B, s):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a bool mask or None. ``s`` includes dropout's 1/(1-p).
-
-    ``drop`` (a ``_Dropped``, with dropout) lends this call x⊙m in the forward and shares the backward's float
-    mask and x⊙m with the siblings."""
+    """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a dropout draw or None. ``s`` includes 1/(1-p)."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, s, drop):
-        xd = x2 if drop is None else drop.xd
+    def forward(ctx, x2, weight, bias, A, B, s, draw):
+        xd = x2 if draw is None else _masked_input("forward", draw, x2)
         out, u = _forward(x2, xd, weight, bias, A, B, s)
-        # Saved: x (the siblings save the same tensor), the bool mask, u (tokens × r) and parameters. Nothing
+        # Saved: x (the siblings save the same tensor), u (tokens × r) and parameters; a mask only off CPU. Nothing
         # tokens × out, and no x⊙m: the backward rebuilds it once for all siblings.
-        ctx.save_for_backward(x2, weight, A, B, u, None if drop is None else drop.mask)
-        ctx.s, ctx.has_bias, ctx.drop = s, bias is not None, drop
-        if drop is not None:
-            drop.pending += 1
+        ctx.save_for_backward(x2, weight, A, B, u, None if draw is None else draw.mask)
+        ctx.s, ctx.has_bias, ctx.draw = s, bias is not None, draw
         return out
 
     @staticmethod
     def backward(ctx, g):
         x2, weight, A, B, u, mask = ctx.saved_tensors
-        s, drop = ctx.s, ctx.drop
+        s, draw = ctx.s, ctx.draw
         g = g.contiguous()
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_A = grad_B = None
-        fm, xd = (None, x2) if drop is None else drop.backward_operands(x2, mask, need_A)
         gu = g.mm(B).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂u
         if need_x:
             lora_gx = gu.mm(A)  # tokens × in through the rank-r bottleneck, not an out × in matrix
-            if fm is not None:
-                lora_gx.mul_(fm)  # in place: no second tokens × in buffer
+            if draw is not None:
+                draw.apply(lora_gx, lora_gx, mask)  # in place: no second tokens × in buffer
             grad_x = lora_gx.addmm_(g, weight)  # + g·W: the base's input gradient, accumulated in place
         if need_A:
+            xd = x2 if draw is None else _masked_input("backward", draw, x2, mask)
             grad_A = gu.t().mm(xd)
         if need_B:
             grad_B = g.t().mm(u).mul_(s)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
-        if drop is not None:
-            drop.release()
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
 
 
@@ -214,18 +210,20 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """F.linear(x, weight, bias) + lora_linear_reference(x, A, B, scaling, dropout, training), fast.
 
-    ``weight`` is (out, in) and frozen. ``consumer`` identifies the calling module, for sharing dropout masks.
+    ``weight`` is (out, in) and frozen. ``consumer`` identifies the calling module, for sharing dropout draws.
     """
     p = dropout if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
-    drop = None
+    draw = None
     if p > 0:
         with torch.no_grad():  # keyed on x itself: siblings receive the same x object, never the same view
-            drop = _shared_dropout(x, x2, p, consumer)
+            draw = _shared_draw(x, p, consumer)
     s = scaling / (1 - p)  # inverted dropout's rescale, folded into the scalar
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, drop)
+        out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, draw)
     else:
-        out = _forward(x2, x2 if drop is None else drop.xd, weight, bias, A, B, s)[0]
+        with torch.no_grad():
+            xd = x2 if draw is None else _masked_input("forward", draw, x2)
+            out = _forward(x2, xd, weight, bias, A, B, s)[0]
     return out.view(*x.shape[:-1], out.shape[-1])

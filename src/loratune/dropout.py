@@ -1,0 +1,169 @@
+"""Dropout masks defined by a seed, so that a backward pass rebuilds them instead of saving them.
+
+A mask is a pure function of (seed, element index, p). Element i is kept iff its byte b_i > t, or b_i == t and its
+edge draw e_i ≥ f, where p·256 = t + f/2³², so P(drop) = p to within 2⁻⁴⁰. b_i is byte i % 8 (little-endian) of
+word i // 8 of a SplitMix64 stream from the seed, e_i the top 32 bits of word i of a second stream from
+mix64(seed ^ EDGE_KEY); word j of a stream from s is mix64(s + (j + 1)·GAMMA). SplitMix64 passes BigCrush, and a
+counter-based stream lets any element's bit be recomputed from its index alone.
+
+Two implementations compute the same bits: ``dropout_kernel.c``, compiled once per machine with the system's C
+compiler and cached (one pass: the mask is applied while it is drawn, ~0.3 ns per element), and the numpy
+reference below, which is also the fallback where no compiler works (``LORATUNE_NATIVE=0`` forces it).
+The seed itself comes from torch's generator, so ``torch.manual_seed`` and checkpointing's RNG replay reproduce it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GAMMA, EDGE_KEY = 0x9E3779B97F4A7C15, 0xD1B54A32D192ED03
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_KERNEL_SOURCE = Path(__file__).with_name("dropout_kernel.c")
+
+
+def new_seed() -> int:
+    """A 62-bit seed from torch's default generator."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def thresholds(p: float) -> tuple[int, int]:
+    """(t, f) with p·256 = t + f/2³² (f rounded): drop iff byte < t, or byte == t and the edge draw < f."""
+    if not 0 < p < 1:
+        raise ValueError(f"dropout probability must be in (0, 1), got {p}")
+    t, frac = divmod(p * 256, 1)
+    return int(t), min(round(frac * 2**32), 2**32 - 1)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def _stream(seed: int, words: np.ndarray) -> np.ndarray:
+    """Words ``words`` (uint64 indices) of the SplitMix64 stream from ``seed``."""
+    return _mix64(np.uint64(seed) + (words + np.uint64(1)) * np.uint64(GAMMA))
+
+
+def keep_mask_reference(n: int, seed: int, p: float) -> np.ndarray:
+    """The keep mask of elements 0..n-1 (bool), in numpy: the definition that the C kernel must reproduce."""
+    t, f = thresholds(p)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as in C
+        b = _stream(seed, np.arange((n + 7) // 8, dtype=np.uint64)).view(np.uint8)[:n]
+        keep = b > t
+        edge = np.flatnonzero(b == t)  # the byte alone cannot decide these
+        if len(edge):
+            seed2 = int(_mix64(np.array([seed ^ EDGE_KEY], dtype=np.uint64))[0])
+            keep[edge] = (_stream(seed2, edge.astype(np.uint64)) >> np.uint64(32)) >= f
+    return keep
+
+
+# --- the compiled kernel -----------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_kernel: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: a build is cached per CPU model and feature set."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))[:8192]
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Compile the kernel to ``target`` atomically (a temp file renamed into place), -march=native if it works."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (["-O3", "-march=native"], ["-O3"]):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [cc, *flags, "-std=c99", "-shared", "-fPIC", str(_KERNEL_SOURCE), "-o", tmp]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if res.returncode == 0:
+                os.replace(tmp, target)
+                return
+            errors.append(res.stderr.strip()[-500:])
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled dropout kernel, built on first use and cached under $LORATUNE_CACHE/kernels; None (with one
+    warning) where it cannot be built, or with LORATUNE_NATIVE=0."""
+    global _kernel
+    if _kernel is not False:
+        return _kernel
+    with _lock:
+        if _kernel is not False:
+            return _kernel
+        _kernel = None
+        if os.environ.get("LORATUNE_NATIVE", "1") == "0":
+            return None
+        from .base_models import cache_dir
+
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        source = _KERNEL_SOURCE.read_bytes()
+        key = hashlib.sha256(source + (cc or "").encode() + _cpu_identity().encode()).hexdigest()[:16]
+        target = cache_dir() / "kernels" / f"dropout-{key}.so"
+        try:
+            if not target.exists():
+                if cc is None:
+                    raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
+                _compile(cc, target)
+            lib = ctypes.CDLL(str(target))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            warnings.warn(f"loratune: the dropout kernel could not be built ({e}); training still works, with "
+                          "slower dropout. Fix: install a C compiler (e.g. `apt install gcc`) or set $CC.",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32]
+        lib.lt_keep_mask.argtypes = [ctypes.c_void_p, *args]
+        for fn in (lib.lt_dropout_f32, lib.lt_dropout_f64):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *args]
+        lib.lt_keep_mask.restype = lib.lt_dropout_f32.restype = lib.lt_dropout_f64.restype = None
+        _kernel = lib
+        return lib
+
+
+# --- masks on tensors --------------------------------------------------------------------------------------------
+def keep_mask(shape: torch.Size, seed: int, p: float) -> torch.Tensor:
+    """The bool keep mask of a tensor of ``shape`` (CPU), element i of its flattened form being mask bit i."""
+    n = shape.numel()
+    lib = kernel()
+    if lib is None:
+        return torch.from_numpy(keep_mask_reference(n, seed, p)).view(shape)
+    keep = torch.empty(shape, dtype=torch.bool)
+    lib.lt_keep_mask(keep.data_ptr(), 0, n, seed, *thresholds(p))
+    return keep
+
+
+def apply_mask(src: torch.Tensor, seed: int, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = src ⊙ keep (no 1/(1-p) rescale: callers fold it into a scalar). ``out`` may be ``src`` (in place)."""
+    if src.device.type != "cpu":
+        raise ValueError(f"seeded dropout masks are computed on the CPU; got a tensor on {src.device}")
+    out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
+    lib = kernel()
+    fn = None if lib is None else {torch.float32: lib.lt_dropout_f32, torch.float64: lib.lt_dropout_f64}.get(src.dtype)
+    if fn is None or not out.is_contiguous():
+        keep = keep_mask(src.shape, seed, p)
+        return torch.mul(src, keep.view(torch.uint8).to(src.dtype), out=out)
+    src = src.contiguous()
+    fn(src.data_ptr(), out.data_ptr(), 0, src.numel(), seed, *thresholds(p))
+    return out
