@@ -73,6 +73,7 @@ def keep_mask_reference(n: int, seed: int, p: float) -> np.ndarray:
 # --- the compiled kernel -----------------------------------------------------------------------------------------
 _lock = threading.Lock()
 _kernel: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+_threads_ok = False  # whether the kernel may use OpenMP threads (see _one_openmp_runtime)
 
 
 def _cpu_identity() -> str:
@@ -84,11 +85,30 @@ def _cpu_identity() -> str:
         return platform.machine() + platform.processor()
 
 
+_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-Wno-unknown-pragmas"])
+
+
+def _one_openmp_runtime() -> bool:
+    """Whether the process has exactly one libgomp loaded. The kernel's OpenMP then runs on torch's own intra-op
+    threads (they share the runtime: torch loads libgomp.so.1 first, and the kernel's dependency of the same
+    name resolves to it). Two runtimes would each keep their threads spinning for the cores: then one thread."""
+    try:
+        with open("/proc/self/maps") as f:
+            return len({line.split()[-1] for line in f if "libgomp" in line}) == 1
+    except OSError:
+        return False
+
+
+def _threads() -> int:
+    return torch.get_num_threads() if _threads_ok else 1
+
+
 def _compile(cc: str, target: Path) -> None:
-    """Compile the kernel to ``target`` atomically (a temp file renamed into place), -march=native if it works."""
+    """Compile the kernel to ``target`` atomically (a temp file renamed into place), with -march=native and
+    OpenMP where they work."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in (["-O3", "-march=native"], ["-O3"]):
+    for flags in _FLAGS:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [cc, *flags, "-std=c99", "-shared", "-fPIC", str(_KERNEL_SOURCE), "-o", tmp]
@@ -107,7 +127,7 @@ def _compile(cc: str, target: Path) -> None:
 def kernel() -> ctypes.CDLL | None:
     """The compiled dropout kernel, built on first use and cached under $LORATUNE_CACHE/kernels; None (with one
     warning) where it cannot be built, or with LORATUNE_NATIVE=0."""
-    global _kernel
+    global _kernel, _threads_ok
     if _kernel is not False:
         return _kernel
     with _lock:
@@ -120,7 +140,7 @@ def kernel() -> ctypes.CDLL | None:
 
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         source = _KERNEL_SOURCE.read_bytes()
-        key = hashlib.sha256(source + (cc or "").encode() + _cpu_identity().encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + repr((cc, _FLAGS, _cpu_identity())).encode()).hexdigest()[:16]
         target = cache_dir() / "kernels" / f"dropout-{key}.so"
         try:
             if not target.exists():
@@ -133,7 +153,8 @@ def kernel() -> ctypes.CDLL | None:
                           "slower dropout. Fix: install a C compiler (e.g. `apt install gcc`) or set $CC.",
                           RuntimeWarning, stacklevel=2)
             return None
-        args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32]
+        _threads_ok = _one_openmp_runtime()
+        args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int]
         lib.lt_keep_mask.argtypes = [ctypes.c_void_p, *args]
         for fn in (lib.lt_dropout_f32, lib.lt_dropout_f64):
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *args]
@@ -150,7 +171,7 @@ def keep_mask(shape: torch.Size, seed: int, p: float) -> torch.Tensor:
     if lib is None:
         return torch.from_numpy(keep_mask_reference(n, seed, p)).view(shape)
     keep = torch.empty(shape, dtype=torch.bool)
-    lib.lt_keep_mask(keep.data_ptr(), 0, n, seed, *thresholds(p))
+    lib.lt_keep_mask(keep.data_ptr(), 0, n, seed, *thresholds(p), _threads())
     return keep
 
 
@@ -165,5 +186,5 @@ def apply_mask(src: torch.Tensor, seed: int, p: float, out: torch.Tensor | None 
         keep = keep_mask(src.shape, seed, p)
         return torch.mul(src, keep.view(torch.uint8).to(src.dtype), out=out)
     src = src.contiguous()
-    fn(src.data_ptr(), out.data_ptr(), 0, src.numel(), seed, *thresholds(p))
+    fn(src.data_ptr(), out.data_ptr(), 0, src.numel(), seed, *thresholds(p), _threads())
     return out

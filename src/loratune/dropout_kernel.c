@@ -41,17 +41,24 @@ static inline void keep_block(uint8_t *keep, uint64_t b0, int len, uint64_t seed
     }
 }
 
+/* Blocks [start, end) split over `threads` OpenMP threads: the kernel links the libgomp that torch has loaded,
+ * so these are torch's own intra-op threads (see dropout.py). */
+#define PARALLEL_BLOCKS _Pragma("omp parallel for schedule(static) num_threads(threads) if(end - start > 32768)")
+
 /* keep[i] for i in [start, end); start % 8 == 0. */
-void lt_keep_mask(uint8_t *keep, int64_t start, int64_t end, uint64_t seed, uint32_t t, uint32_t f) {
+void lt_keep_mask(uint8_t *keep, int64_t start, int64_t end, uint64_t seed, uint32_t t, uint32_t f, int threads) {
+    PARALLEL_BLOCKS
     for (int64_t b = start; b < end; b += BLOCK)
         keep_block(keep + b, (uint64_t)b, end - b < BLOCK ? (int)(end - b) : BLOCK, seed, (uint8_t)t, f);
 }
 
 /* out[i] = x[i] · keep[i] for i in [start, end); start % 8 == 0; out may be x. */
 #define APPLY(NAME, T)                                                                                     \
-    void NAME(const T *x, T *out, int64_t start, int64_t end, uint64_t seed, uint32_t t, uint32_t f) {    \
-        uint8_t keep[BLOCK];                                                                               \
+    void NAME(const T *x, T *out, int64_t start, int64_t end, uint64_t seed, uint32_t t, uint32_t f,      \
+              int threads) {                                                                               \
+        PARALLEL_BLOCKS                                                                                    \
         for (int64_t b = start; b < end; b += BLOCK) {                                                     \
+            uint8_t keep[BLOCK];                                                                           \
             const int len = end - b < BLOCK ? (int)(end - b) : BLOCK;                                      \
             keep_block(keep, (uint64_t)b, len, seed, (uint8_t)t, f);                                       \
             for (int i = 0; i < len; i++) out[b + i] = x[b + i] * (T)keep[i];                              \
