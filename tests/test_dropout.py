@@ -17,7 +17,9 @@ def native():
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 511, 512, 513, 4101, 300_007])
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 1 / 256, 0.999])
-def test_kernel_draws_the_reference_bits(native, n, p):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_draws_the_reference_bits(native, n, p, threads, monkeypatch):
+    monkeypatch.setattr(seeded, "_threads", lambda: threads)  # blocks split over threads: the same bits
     seed = seeded.new_seed()
     want = torch.from_numpy(seeded.keep_mask_reference(n, seed, p))
     assert torch.equal(seeded.keep_mask(torch.Size([n]), seed, p), want)
@@ -89,6 +91,13 @@ def test_kernel_builds_into_the_cache_atomically(monkeypatch, tmp_path):
     assert seeded.kernel() is not None
     (built,) = (tmp_path / "kernels").iterdir()  # one file, the final name: no temp file left
     assert built.name.startswith("dropout-") and built.suffix == ".so"
+
+
+def test_kernel_threads_are_torchs(native):
+    """The kernel's OpenMP resolves to the libgomp torch loaded: one runtime, so its threads are torch's."""
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) <= 1 and seeded._threads_ok == (len(runtimes) == 1)
 
 
 def test_native_off_by_environment(monkeypatch):
