@@ -86,19 +86,36 @@ def zero_grads(model):
 
 
 # --- models ----------------------------------------------------------------------------------------------------
+def base_models(n: int) -> list:
+    """n copies of the bundled model that share one copy of the weights (the first is frozen as the floor).
+
+    Sharing is for the measurement: each model's weights land elsewhere in memory, and that alone moved the same
+    frozen step by up to 15 % between fresh copies (cache and TLB placement), more than the effects measured
+    here. On one copy of the weights, a ratio compares only what the contestants do with them."""
+    from loratune import load_base_model
+
+    models = [load_base_model()[0] for _ in range(n)]
+    for m in models[1:]:
+        for (name, p), (other, q) in zip(models[0].named_parameters(), m.named_parameters(), strict=True):
+            assert name == other, (name, other)
+            q.data = p.data
+    models[0].requires_grad_(False)
+    return models
+
+
 def build_models(cfg: dict):
-    """(frozen base, loratune model, PEFT model) with identical, non-trivial adapter weights."""
+    """(frozen base, loratune model, PEFT model) with identical, non-trivial adapter weights, on shared base
+    weights."""
     import peft
 
-    from loratune import LoraConfig, get_lora_model, load_base_model
+    from loratune import LoraConfig, get_lora_model
     from loratune.io import adapter_tensors
 
-    base, _ = load_base_model()
-    base.requires_grad_(False)
+    base, lt_base, peft_base = base_models(3)
     torch.manual_seed(0)
-    lt = get_lora_model(load_base_model()[0], LoraConfig(**cfg, init_lora_weights=False))
+    lt = get_lora_model(lt_base, LoraConfig(**cfg, init_lora_weights=False))
     pcfg = peft.LoraConfig(**{k: v for k, v in cfg.items()}, task_type="CAUSAL_LM")
-    pm = peft.get_peft_model(load_base_model()[0], pcfg)
+    pm = peft.get_peft_model(peft_base, pcfg)
     weights = {k: v.detach().clone() for k, v in adapter_tensors(lt, "default").items()}
     result = peft.set_peft_model_state_dict(pm, weights)
     assert not result.unexpected_keys, result.unexpected_keys
@@ -257,16 +274,15 @@ def bench_attribution(args) -> dict:
     """Where loratune's time over the floor goes: all-linear at r=1 and r=16, dropout 0 and 0.05, against the
     floor with the same (chunked) loss, interleaved, medians. r=1 vs r=16 separates the rank-proportional FLOPs
     from per-module costs that do not depend on r; dropout 0 vs 0.05 gives the cost of dropout."""
-    from loratune import LoraConfig, get_lora_model, load_base_model
+    from loratune import LoraConfig, get_lora_model
 
-    base, _ = load_base_model()
-    base.requires_grad_(False)
+    base, *copies = base_models(5)
     steps = {"floor_chunked": (floor_chunked_step, base)}
     for r in (1, 16):
         for p in (0.0, 0.05):
             torch.manual_seed(0)
-            lt = get_lora_model(load_base_model()[0], LoraConfig(r=r, lora_alpha=32, lora_dropout=p,
-                                                                 target_modules="all-linear", init_lora_weights=False))
+            lt = get_lora_model(copies.pop(), LoraConfig(r=r, lora_alpha=32, lora_dropout=p,
+                                                         target_modules="all-linear", init_lora_weights=False))
             steps[f"r{r} dropout{p}"] = (loratune_step, lt.train())
     batch = make_batch(args.batch, args.seq, base.config.vocab_size)
     times: dict[str, list[float]] = {k: [] for k in steps}
