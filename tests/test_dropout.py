@@ -110,3 +110,18 @@ def test_off_cpu_tensors_are_refused_with_the_reason():
     x = torch.randn(4, device="meta")
     with pytest.raises(ValueError, match="computed on the CPU"):
         seeded.apply_mask(x, 1, 0.5)
+
+
+def test_a_damaged_cached_kernel_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "first"))
+    assert seeded.kernel() is not None
+    (built,) = (tmp_path / "first" / "kernels").iterdir()  # its name: what a damaged entry would be called
+    damaged = tmp_path / "second" / "kernels" / built.name  # (not the loaded file: rewriting that would crash)
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "second"))
+    assert seeded.kernel() is not None and damaged.read_bytes()[:4] == b"\x7fELF"
+    assert torch.equal(seeded.keep_mask(torch.Size([999]), 3, 0.1),
+                       torch.from_numpy(seeded.keep_mask_reference(999, 3, 0.1)))

@@ -144,11 +144,17 @@ def kernel() -> ctypes.CDLL | None:
         key = hashlib.sha256(source + repr((cc, _FLAGS, _cpu_identity())).encode()).hexdigest()[:16]
         target = cache_dir() / "kernels" / f"dropout-{key}.so"
         try:
-            if not target.exists():
+            lib = None
+            if target.exists():
+                try:
+                    lib = ctypes.CDLL(str(target))
+                except OSError:  # a damaged cache entry (say, from a full disk): build it again
+                    target.unlink()
+            if lib is None:
                 if cc is None:
                     raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
                 _compile(cc, target)
-            lib = ctypes.CDLL(str(target))
+                lib = ctypes.CDLL(str(target))
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             warnings.warn(f"loratune: the dropout kernel could not be built ({e}); training still works, with "
                           "slower dropout. Fix: install a C compiler (e.g. `apt install gcc`) or set $CC.",
