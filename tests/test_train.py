@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from loratune import fused
 from loratune.runconfig import load_run_config
 from loratune.train import TrainingError, latest_checkpoint, lr_lambda, make_optimizer, train
 
@@ -39,6 +40,7 @@ def test_training_lowers_loss_and_writes_outputs(tiny_dir, data_files, tmp_path)
         assert (tmp_path / name).is_file(), name
     assert "eval_loss" in res.history[-1]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 12
+    assert getattr(fused._state, "workspace", None) is None  # the dropout workspace is let go after training
 
 
 def test_killed_and_resumed_run_ends_with_the_same_adapter(tiny_dir, data_files, tmp_path):

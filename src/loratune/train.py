@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from . import fused
 from .base_models import load_base_model
 from .data import PreparedData, collate, prepare
 from .errors import LoraTuneError
@@ -313,9 +314,11 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             if step == steps or (tc.save_every and step % tc.save_every == 0):
                 save_checkpoint(out, step, lm, opt, sched, config_text)
         if stop_after is not None and step - start >= stop_after:
-            bar.close()
-            return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0)
+            break
     bar.close()
+    fused.release_workspace()  # the dropout workspace serves training steps; evaluation and merging need none
+    if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet
+        return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0)
 
     adapter_dir = out / "adapter"
     if rank == 0:
