@@ -125,3 +125,20 @@ def test_a_damaged_cached_kernel_is_rebuilt(monkeypatch, tmp_path):
     assert seeded.kernel() is not None and damaged.read_bytes()[:4] == b"\x7fELF"
     assert torch.equal(seeded.keep_mask(torch.Size([999]), 3, 0.1),
                        torch.from_numpy(seeded.keep_mask_reference(999, 3, 0.1)))
+
+
+def test_an_unusable_cache_directory_is_named_in_the_warning(monkeypatch, tmp_path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setenv("LORATUNE_CACHE", str(not_a_dir))
+    with pytest.warns(RuntimeWarning, match="point \\$LORATUNE_CACHE at a writable directory"):
+        assert seeded.kernel() is None
+
+
+def test_a_compiler_that_is_not_there_is_named_in_the_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="no-such-cc.*install a C compiler"):
+        assert seeded.kernel() is None

@@ -119,6 +119,8 @@ def _compile(cc: str, target: Path) -> None:
                 os.replace(tmp, target)
                 return
             errors.append(res.stderr.strip()[-500:])
+        except (OSError, subprocess.SubprocessError) as e:  # no such compiler, or it hung
+            errors.append(str(e))
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -155,10 +157,15 @@ def kernel() -> ctypes.CDLL | None:
                     raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
                 _compile(cc, target)
                 lib = ctypes.CDLL(str(target))
-        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        except RuntimeError as e:  # from the compiler
             warnings.warn(f"loratune: the dropout kernel could not be built ({e}); training still works, with "
                           "slower dropout. Fix: install a C compiler (e.g. `apt install gcc`) or set $CC.",
                           RuntimeWarning, stacklevel=2)
+            return None
+        except OSError as e:  # from the cache directory
+            warnings.warn(f"loratune: the dropout kernel could not be cached or loaded ({e}); training still works, "
+                          "with slower dropout. Fix: point $LORATUNE_CACHE at a writable directory (now "
+                          f"{target.parent.parent}).", RuntimeWarning, stacklevel=2)
             return None
         _threads_ok = _one_openmp_runtime()
         args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int]
