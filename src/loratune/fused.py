@@ -78,8 +78,7 @@ class Draw:
         """out = src ⊙ keep (``out`` may be ``src``); ``mask``: the saved (maybe recomputed) mask, off CPU."""
         if self.seed is not None:
             return seeded.apply_mask(src, self.seed, self.p, out=out)
-        mask = self.mask if mask is None else mask
-        return torch.mul(src, mask.view(src.shape).view(torch.uint8).to(src.dtype), out=out)
+        return seeded.multiply_by_mask(src, self.mask if mask is None else mask, out)
 
 
 def _seeded_masks(device: torch.device) -> bool:
@@ -222,8 +221,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, draw)
-    else:
-        with torch.no_grad():
-            xd = x2 if draw is None else _masked_input("forward", draw, x2)
-            out = _forward(x2, xd, weight, bias, A, B, s)[0]
+    else:  # nothing here needs a gradient: the plain forward
+        xd = x2 if draw is None else _masked_input("forward", draw, x2)
+        out = _forward(x2, xd, weight, bias, A, B, s)[0]
     return out.view(*x.shape[:-1], out.shape[-1])
