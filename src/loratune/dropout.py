@@ -119,8 +119,8 @@ def _compile(cc: str, target: Path) -> None:
                 os.replace(tmp, target)
                 return
             errors.append(res.stderr.strip()[-500:])
-        except (OSError, subprocess.SubprocessError) as e:  # no such compiler, or it hung
-            errors.append(str(e))
+        except (OSError, subprocess.SubprocessError) as e:  # no such compiler, or it hung: other flags won't help
+            raise RuntimeError(f"{cc}: {e}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
