@@ -179,7 +179,7 @@ def peak_step_memory_mb(step, model, batch) -> float | None:
         return None
     from loratune import fused
 
-    fused.release_workspace()  # (loratune keeps its dropout workspace from step to step)
+    fused.clear_mask_cache()  # (loratune keeps the last input's x⊙mask until the next step)
     gc.collect()
     _libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:

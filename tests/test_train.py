@@ -40,7 +40,7 @@ def test_training_lowers_loss_and_writes_outputs(tiny_dir, data_files, tmp_path)
         assert (tmp_path / name).is_file(), name
     assert "eval_loss" in res.history[-1]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 12
-    assert getattr(fused._state, "workspace", None) is None  # the dropout workspace is let go after training
+    assert getattr(fused._state, "mask_cache", None) is None  # the last x⊙mask is let go after training
 
 
 def test_killed_and_resumed_run_ends_with_the_same_adapter(tiny_dir, data_files, tmp_path):

@@ -9,8 +9,8 @@ matmul. Here:
 * the thin LoRA product is written first and the base matmul accumulates into it (``addmm_``): no tokens × out
   temporaries and no second pass over the output;
 * dropout on CPU is a seed, not a mask (``dropout.py``): a compiled kernel applies the mask while drawing it, the
-  backward rebuilds it the same way, and nothing mask-sized is saved; x⊙mask is made in a workspace buffer kept
-  from step to step (fresh tokens × in tensors cost as much in page faults as the work on them). The seed comes
+  backward rebuilds it the same way for the input gradient, and nothing mask-sized is saved. The nodes save x⊙mask
+  in place of x (A's gradient needs the one, nothing needs the other), so dropout costs no memory. The seed comes
   from torch's RNG, so ``torch.manual_seed`` and gradient checkpointing's RNG replay reproduce the masks, and the
   1/(1-p) of inverted dropout is folded into the scalar s;
 * sibling modules that read the same input tensor (q/k/v, gate/up) share one draw: each module still sees exactly
@@ -90,29 +90,22 @@ def new_draw(shape: torch.Size, p: float, device: torch.device) -> Draw:
     return Draw(shape, p, device)
 
 
-def _masked_input(slot: str, draw: Draw, x2: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """x2 ⊙ keep in this thread's workspace buffer ``slot`` ("forward" or "backward"), computed once per draw.
+def _dropped_input(draw: Draw, x2: torch.Tensor) -> torch.Tensor:
+    """x2 ⊙ keep for ``draw``, computed once and shared by the siblings that read the same input.
 
-    The siblings' forward calls (and, separately, their backward calls) come one after another, so the first
-    computes x⊙mask and the others find it here. It lives in a buffer kept from step to step rather than in a
-    fresh tensor: a tokens × in tensor allocated anew costs as much in page faults as computing it. The buffer is
-    tagged with the draw and x's storage and version; any other draw, or a changed x, overwrites it (always
-    correct, since it is a function of x and the draw)."""
-    ws = getattr(_state, "workspace", None)
-    if ws is None:
-        ws = _state.workspace = {}
-    tag = (draw, x2.data_ptr(), x2._version, x2.shape, x2.stride())
-    buf, old = ws.get(slot, (None, None))
-    n = x2.numel()
-    if buf is not None and old == tag and buf.dtype == x2.dtype and buf.device == x2.device:
-        return buf[:n].view(x2.shape)
-    if buf is None or buf.numel() < n or buf.dtype != x2.dtype or buf.device != x2.device:
-        ws[slot] = (None, None)  # let the old buffer go before allocating the new one
-        buf = torch.empty(n, dtype=x2.dtype, device=x2.device)
-    out = buf[:n].view(x2.shape)
-    draw.apply(x2, out, mask)
-    ws[slot] = (buf, tag)
-    return out
+    The siblings' forward calls come one after another, so the first computes x⊙mask and the others find it in the
+    per-thread draw cache (``_shared_draw``), which holds it only until the next input's draw. The nodes save this
+    tensor instead of x: A's gradient needs x⊙mask, and nothing in the backward needs x itself, so the backward
+    does not rebuild it and the memory is the same as saving x."""
+    c = getattr(_state, "mask_cache", None)
+    if c is not None and c["draw"] is draw:
+        xd = c.get("xd")
+        if xd is not None and xd.shape == x2.shape and xd.dtype == x2.dtype:
+            return xd
+    xd = draw.apply(x2, torch.empty_like(x2, memory_format=torch.contiguous_format))
+    if c is not None and c["draw"] is draw:
+        c["xd"] = xd
+    return xd
 
 
 def _shared_draw(x: torch.Tensor, p: float, consumer: object) -> Draw:
@@ -132,40 +125,38 @@ def _shared_draw(x: torch.Tensor, p: float, consumer: object) -> Draw:
     draw = new_draw(x.shape, p, x.device)
     dref = weakref.ref(draw)
 
-    def let_go(_, dref=dref):  # x died: no sibling can come for the draw; a stored mask is left to the nodes
+    entry = {"key": key, "draw": draw, "consumers": {id(consumer)}}
+
+    def let_go(_, dref=dref):  # x died: no sibling can come for the draw; what the nodes saved is left to them
+        entry.pop("xd", None)
         d = dref()
         if d is not None:
             d.mask = None
 
-    _state.mask_cache = {"x": weakref.ref(x, let_go), "key": key, "draw": draw, "consumers": {id(consumer)}}
+    entry["x"] = weakref.ref(x, let_go)
+    _state.mask_cache = entry
     return draw
 
 
 def clear_mask_cache() -> None:
-    """Forget the current input's dropout draw (a stored mask is left to the nodes that saved it, so that
-    checkpointing, which drops saved tensors, really frees it)."""
+    """Forget the current input's dropout draw and its x⊙mask (what the nodes saved is theirs: with checkpointing,
+    which drops saved tensors, this really frees them). ``train()`` calls it when training ends."""
     c = getattr(_state, "mask_cache", None)
     if c is not None:
         c["draw"].mask = None
     _state.mask_cache = None
 
 
-def release_workspace() -> None:
-    """Free this thread's dropout workspace buffers (they are kept from step to step; see ``_masked_input``)."""
-    clear_mask_cache()
-    _state.workspace = None
-
-
 # --- the fused LoRA linear ---------------------------------------------------------------------------------------
 def _forward(x2, xd, weight, bias, A, B, s):
-    """Base output plus the LoRA term; returns (out, u) where u = xd·Aᵀ is tokens × r.
+    """Base output plus the LoRA term; returns (out, us) where us = s·xd·Aᵀ is tokens × r.
 
     The thin LoRA product is computed first and the base matmul then accumulates into it (beta = 1): the output is
-    written by the thin matmul and finished inside the big one's stores, instead of a second full pass over it."""
-    u = xd.mm(A.t())
-    Bs = B * s  # scale the (out × r) factor, not the tokens × out product
-    out = torch.mm(u, Bs.t()) if bias is None else torch.addmm(bias, u, Bs.t())
-    return out.addmm_(x2, weight.t()), u
+    written by the thin matmul and finished inside the big one's stores, instead of a second full pass over it. The
+    scalar goes on the tokens × r factor, where it costs nothing and makes B's gradient simply gᵀ·us."""
+    us = xd.mm(A.t()).mul_(s)
+    out = torch.mm(us, B.t()) if bias is None else torch.addmm(bias, us, B.t())
+    return out.addmm_(x2, weight.t()), us
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -173,32 +164,31 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, A, B, s, draw):
-        xd = x2 if draw is None else _masked_input("forward", draw, x2)
-        out, u = _forward(x2, xd, weight, bias, A, B, s)
-        # Saved: x (the siblings save the same tensor), u (tokens × r) and parameters; a mask only off CPU. Nothing
-        # tokens × out, and no x⊙m: the backward rebuilds it once for all siblings.
-        ctx.save_for_backward(x2, weight, A, B, u, None if draw is None else draw.mask)
+        xd = x2 if draw is None else _dropped_input(draw, x2)
+        out, us = _forward(x2, xd, weight, bias, A, B, s)
+        # Saved: x⊙m (x without dropout; the siblings save the same tensor), us (tokens × r) and the parameters; a
+        # mask only off CPU. Nothing tokens × out, and not x itself, which the backward does not need.
+        ctx.save_for_backward(xd, weight, A, B, us, None if draw is None else draw.mask)
         ctx.s, ctx.has_bias, ctx.draw = s, bias is not None, draw
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight, A, B, u, mask = ctx.saved_tensors
+        xd, weight, A, B, us, mask = ctx.saved_tensors
         s, draw = ctx.s, ctx.draw
         g = g.contiguous()
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_A = grad_B = None
-        gu = g.mm(B).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂u
+        gu = g.mm(B).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
         if need_x:
             lora_gx = gu.mm(A)  # tokens × in through the rank-r bottleneck, not an out × in matrix
             if draw is not None:
                 draw.apply(lora_gx, lora_gx, mask)  # in place: no second tokens × in buffer
             grad_x = lora_gx.addmm_(g, weight)  # + g·W: the base's input gradient, accumulated in place
         if need_A:
-            xd = x2 if draw is None else _masked_input("backward", draw, x2, mask)
             grad_A = gu.t().mm(xd)
         if need_B:
-            grad_B = g.t().mm(u).mul_(s)
+            grad_B = g.t().mm(us)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
@@ -222,6 +212,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                     or (bias is not None and bias.requires_grad)):
         out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, draw)
     else:  # nothing here needs a gradient: the plain forward
-        xd = x2 if draw is None else _masked_input("forward", draw, x2)
+        xd = x2 if draw is None else _dropped_input(draw, x2)
         out = _forward(x2, xd, weight, bias, A, B, s)[0]
     return out.view(*x.shape[:-1], out.shape[-1])

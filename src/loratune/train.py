@@ -316,7 +316,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         if stop_after is not None and step - start >= stop_after:
             break
     bar.close()
-    fused.release_workspace()  # the dropout workspace serves training steps; evaluation and merging need none
+    fused.clear_mask_cache()  # let go of the last input's x⊙mask: evaluation and merging need none
     if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet
         return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0)
 
