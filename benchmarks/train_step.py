@@ -80,6 +80,16 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def ratio_spread(a: list[float], b: list[float]) -> list[float]:
+    """The quartiles [25 %, 75 %] of a/b within each repeat: how far one repeat is from the next, so that a reader
+    can tell a difference from this machine's noise."""
+    ratios = [x / y for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]
+
+
 def zero_grads(model):
     for p in model.parameters():
         p.grad = None
@@ -216,6 +226,8 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         "loratune_over_floor": ratio("loratune", "floor"), "loratune_over_peft": ratio("loratune", "peft"),
         "loratune_over_floor_chunked": ratio("loratune", "floor_chunked"),
         "peft_over_floor": ratio("peft", "floor"),
+        "quartiles": {"loratune_over_floor": ratio_spread(times["loratune"], times["floor"]),
+                      "loratune_over_peft": ratio_spread(times["loratune"], times["peft"])},
         "ratio_of_medians": {"loratune_over_floor": med["loratune"] / med["floor"],
                              "loratune_over_peft": med["loratune"] / med["peft"],
                              "peft_over_floor": med["peft"] / med["floor"]},
@@ -267,7 +279,9 @@ def bench_inference(cfg: dict, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med, "all_s": times,
             "unmerged_over_base": paired_ratio(times["unmerged"], times["base"]),
-            "merged_over_base": paired_ratio(times["merged"], times["base"])}
+            "merged_over_base": paired_ratio(times["merged"], times["base"]),
+            "quartiles": {"unmerged_over_base": ratio_spread(times["unmerged"], times["base"]),
+                          "merged_over_base": ratio_spread(times["merged"], times["base"])}}
 
 
 def bench_attribution(args) -> dict:
@@ -307,6 +321,10 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['config']:28s} {m['floor']:7.3f} {m['floor_chunked']:8.3f} {m['loratune']:6.3f} {m['peft']:6.3f} "
               f"{r['loratune_over_floor']:8.3f} {r['loratune_over_floor_chunked']:9.3f} {r['loratune_over_peft']:7.3f} "
               f"{r['peft_over_floor']:7.3f} | {mem_s}")
+    print("quartiles of the per-repeat ratios (this machine's spread): "
+          + "; ".join(f"{r['config']}: lt/floor {q['loratune_over_floor'][0]:.3f}-{q['loratune_over_floor'][1]:.3f}, "
+                      f"lt/peft {q['loratune_over_peft'][0]:.3f}-{q['loratune_over_peft'][1]:.3f}"
+                      for r in results for q in [r["quartiles"]]))
 
 
 def main(argv=None) -> int:
@@ -360,7 +378,9 @@ def main(argv=None) -> int:
         inference[name] = r = bench_inference(CONFIGS[name], args)
         m = r["median_s"]
         print(f"inference {name}: base {m['base']:.3f}s unmerged {m['unmerged']:.3f}s merged {m['merged']:.3f}s "
-              f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f}", flush=True)
+              f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f} (quartiles "
+              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['unmerged_over_base'])} and "
+              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])})", flush=True)
     attribution = bench_attribution(args) if args.attribution else {}
     for k, v in attribution.get("over_floor_chunked", {}).items():
         print(f"attribution {k:18s} {attribution['median_s'][k]:.3f}s  /floor_chunked {v:.3f}", flush=True)

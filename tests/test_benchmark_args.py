@@ -34,3 +34,10 @@ def test_contestants_share_one_copy_of_the_weights():
     pairs = list(zip(floor.named_parameters(), other.named_parameters(), strict=True))
     assert pairs and all(p.data_ptr() == q.data_ptr() for (_, p), (_, q) in pairs)
     assert not any(p.requires_grad for p in floor.parameters())
+
+
+def test_paired_ratio_and_its_quartiles():
+    a, b = [2.0, 3.0, 4.0, 10.0, 6.0], [1.0, 1.0, 2.0, 5.0, 1.0]  # per-repeat ratios 2, 3, 2, 2, 6
+    assert train_step.paired_ratio(a, b) == 2.0
+    assert train_step.ratio_spread(a, b) == [2.0, 3.0]
+    assert train_step.ratio_spread([3.0], [2.0]) == [1.5, 1.5]  # one repeat: no spread to show
