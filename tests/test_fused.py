@@ -163,6 +163,35 @@ def test_dropout_saves_one_dropped_copy_no_mask_and_not_x(record_masks):
     assert fused._state.mask_cache is None
 
 
+@pytest.mark.parametrize("stored_masks", [False, True])
+def test_a_view_input_is_saved_as_itself_and_x_dropped_rebuilt(stored_masks, record_masks, monkeypatch):
+    """A view's storage is another op's output, which that op usually keeps (attention's output before o_proj):
+    saving x⊙mask too would add a tokens × in tensor, so the node saves x and the backward redraws the mask (or,
+    off CPU, applies the saved one)."""
+    if stored_masks:
+        monkeypatch.setattr(fused, "_seeded_masks", lambda device: False)
+    p = 0.3
+    (q,) = _sibling_layers(p, torch.float64)[:1]
+    x = torch.randn(6, 24, dtype=torch.float64, requires_grad=True)
+    out_of_another_op = x * 1
+    h = out_of_another_op.view(2, 3, 24)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = q(h)
+    big = [t for t in saved if t.numel() == h.numel() and t.dtype != torch.bool]
+    assert len(big) == 1 and big[0].untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+    assert len([t for t in saved if t.dtype == torch.bool]) == stored_masks
+    (mask,) = record_masks
+    ad = q.adapters["a"]
+    params = [x, ad.lora_A, ad.lora_B]
+    g = torch.randn_like(out)
+    ref = _reference(h, q.weight, q.base_layer.bias, ad.lora_A, ad.lora_B, ad.scaling, mask, p)
+    assert rel_err(out, ref) <= 1e-12
+    got = torch.autograd.grad(out, params, g, retain_graph=True)  # (ref shares the x * 1 node)
+    for a, b in zip(got, torch.autograd.grad(ref, params, g)):
+        assert rel_err(a, b) <= 1e-12
+
+
 def test_interleaved_draws_each_keep_their_own_dropped_input(record_masks):
     """A module whose input is no longer the current one gets a new draw and its own x⊙mask; the backward, which
     runs the nodes in another order (later nodes first), gets every gradient right: v(x'), q(y), k(x), q(x)."""

@@ -10,7 +10,8 @@ matmul. Here:
   temporaries and no second pass over the output;
 * dropout on CPU is a seed, not a mask (``dropout.py``): a compiled kernel applies the mask while drawing it, the
   backward rebuilds it the same way for the input gradient, and nothing mask-sized is saved. The nodes save x⊙mask
-  in place of x (A's gradient needs the one, nothing needs the other), so dropout costs no memory. The seed comes
+  in place of x (A's gradient needs the one, nothing needs the other), so dropout costs no memory; where x is a
+  view of another op's output, which that op keeps anyway, they save x and rebuild x⊙mask instead. The seed comes
   from torch's RNG, so ``torch.manual_seed`` and gradient checkpointing's RNG replay reproduce the masks, and the
   1/(1-p) of inverted dropout is folded into the scalar s;
 * sibling modules that read the same input tensor (q/k/v, gate/up) share one draw: each module still sees exactly
@@ -95,8 +96,8 @@ def _dropped_input(draw: Draw, x2: torch.Tensor) -> torch.Tensor:
 
     The siblings' forward calls come one after another, so the first computes x⊙mask and the others find it in the
     per-thread draw cache (``_shared_draw``), which holds it only until the next input's draw. The nodes save this
-    tensor instead of x: A's gradient needs x⊙mask, and nothing in the backward needs x itself, so the backward
-    does not rebuild it and the memory is the same as saving x."""
+    tensor instead of x (except for views, see LoraLinearFunction.forward): A's gradient needs x⊙mask, and nothing
+    in the backward needs x itself, so the backward does not rebuild it and the memory is that of saving x."""
     c = getattr(_state, "mask_cache", None)
     if c is not None and c["draw"] is draw:
         xd = c.get("xd")
@@ -163,13 +164,16 @@ class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a dropout draw or None. ``s`` includes 1/(1-p)."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, s, draw):
+    def forward(ctx, x2, weight, bias, A, B, s, draw, save_x):
         xd = x2 if draw is None else _dropped_input(draw, x2)
         out, us = _forward(x2, xd, weight, bias, A, B, s)
         # Saved: x⊙m (x without dropout; the siblings save the same tensor), us (tokens × r) and the parameters; a
-        # mask only off CPU. Nothing tokens × out, and not x itself, which the backward does not need.
-        ctx.save_for_backward(xd, weight, A, B, us, None if draw is None else draw.mask)
-        ctx.s, ctx.has_bias, ctx.draw = s, bias is not None, draw
+        # mask only off CPU. Nothing tokens × out. x⊙m rather than x, because A's gradient needs it and nothing
+        # needs x, except where x is a view (``save_x``; see lora_linear): then x's storage is another op's output,
+        # which that op usually saves anyway (attention's output before o_proj), so x costs nothing to keep and the
+        # backward rebuilds x⊙m from it.
+        ctx.save_for_backward(x2 if save_x else xd, weight, A, B, us, None if draw is None else draw.mask)
+        ctx.s, ctx.has_bias, ctx.draw, ctx.rebuild = s, bias is not None, draw, save_x and draw is not None
         return out
 
     @staticmethod
@@ -186,12 +190,14 @@ class LoraLinearFunction(torch.autograd.Function):
                 draw.apply(lora_gx, lora_gx, mask)  # in place: no second tokens × in buffer
             grad_x = lora_gx.addmm_(g, weight)  # + g·W: the base's input gradient, accumulated in place
         if need_A:
+            if ctx.rebuild:  # saved x: x⊙m again, the same bits from the draw's seed (or its saved mask)
+                xd = draw.apply(xd, torch.empty_like(xd, memory_format=torch.contiguous_format), mask)
             grad_A = gu.t().mm(xd)
         if need_B:
             grad_B = g.t().mm(us)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -210,7 +216,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     s = scaling / (1 - p)  # inverted dropout's rescale, folded into the scalar
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, draw)
+        out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, draw, x._base is not None)
     else:  # nothing here needs a gradient: the plain forward
         xd = x2 if draw is None else _dropped_input(draw, x2)
         out = _forward(x2, xd, weight, bias, A, B, s)[0]
