@@ -75,8 +75,12 @@ class Draw:
         """The keep mask (bool) of an input of this shape; for checking against a reference."""
         return seeded.keep_mask(shape, self.seed, self.p) if self.seed is not None else self.mask.view(shape)
 
-    def apply(self, src: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """out = src ⊙ keep (``out`` may be ``src``); ``mask``: the saved (maybe recomputed) mask, off CPU."""
+    def apply(self, src: torch.Tensor, out: torch.Tensor | None = None, mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """out = src ⊙ keep (``out`` may be ``src``; None: a new contiguous tensor); ``mask``: the saved (maybe
+        recomputed) mask, off CPU."""
+        if out is None:
+            out = torch.empty_like(src, memory_format=torch.contiguous_format)
         if self.seed is not None:
             return seeded.apply_mask(src, self.seed, self.p, out=out)
         return seeded.multiply_by_mask(src, self.mask if mask is None else mask, out)
@@ -99,13 +103,10 @@ def _dropped_input(draw: Draw, x2: torch.Tensor) -> torch.Tensor:
     tensor instead of x (except for views, see LoraLinearFunction.forward): A's gradient needs x⊙mask, and nothing
     in the backward needs x itself, so the backward does not rebuild it and the memory is that of saving x."""
     c = getattr(_state, "mask_cache", None)
-    if c is not None and c["draw"] is draw:
-        xd = c.get("xd")
-        if xd is not None and xd.shape == x2.shape and xd.dtype == x2.dtype:
-            return xd
-    xd = draw.apply(x2, torch.empty_like(x2, memory_format=torch.contiguous_format))
-    if c is not None and c["draw"] is draw:
-        c["xd"] = xd
+    entry = c if c is not None and c["draw"] is draw else {}  # an older draw's input: computed, not cached
+    xd = entry.get("xd")
+    if xd is None or xd.shape != x2.shape or xd.dtype != x2.dtype:
+        xd = entry["xd"] = draw.apply(x2)
     return xd
 
 
@@ -191,7 +192,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = lora_gx.addmm_(g, weight)  # + g·W: the base's input gradient, accumulated in place
         if need_A:
             if ctx.rebuild:  # saved x: x⊙m again, the same bits from the draw's seed (or its saved mask)
-                xd = draw.apply(xd, torch.empty_like(xd, memory_format=torch.contiguous_format), mask)
+                xd = draw.apply(xd, mask=mask)
             grad_A = gu.t().mm(xd)
         if need_B:
             grad_B = g.t().mm(us)
