@@ -7,6 +7,12 @@ On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, fo
 * loratune: loratune's step: ``causal_lm_loss(lora_model, ...)`` (fused LoRA linears, chunked loss) + backward;
 * PEFT:     PEFT's step with the same LoRA config and the same adapter weights: ``model(labels=...).loss.backward()``.
 
+loratune runs its matrix products on oneDNN where that is faster than torch's MKL (``src/loratune/gemm.py``), and
+the stock floor does not. So that the LoRA layers' own cost stays visible, two more contestants are timed:
+* floor_onednn:  the frozen model with its linears' products on oneDNN too, and loratune's loss: loratune at rank 0,
+                 so loratune/floor_onednn is what the adapters cost;
+* loratune_mkl:  loratune's step with the routing turned off (``LORATUNE_ONEDNN=0``): what oneDNN brings.
+
 The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
 repeats of the ratio within each repeat: on a shared 2-core VM the speed drifts by ±10 % over tens of seconds,
 which moves steps run seconds apart together, so within-repeat ratios are steadier than ratios of medians (the
@@ -70,6 +76,45 @@ def loratune_step(model, batch):
     causal_lm_loss(model, input_ids, mask, labels).backward()
 
 
+def loratune_mkl_step(model, batch):
+    from loratune import gemm
+
+    with gemm.use_onednn(False):
+        loratune_step(model, batch)
+
+
+class _FrozenLinearFunction(torch.autograd.Function):
+    """x·Wᵀ + b with W and b frozen, its products through loratune's gemm (the input gradient only)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias):
+        from loratune import gemm
+
+        ctx.save_for_backward(weight)
+        return gemm.linear(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        from loratune import gemm
+
+        (weight,) = ctx.saved_tensors
+        return gemm.linear(g.contiguous(), weight.t()), None, None
+
+
+class _RoutedFrozenLinear(torch.nn.Linear):
+    def forward(self, x):
+        out = _FrozenLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def route_frozen_linears(model):
+    """The floor on loratune's kernels: every frozen nn.Linear of ``model`` computes through ``gemm.linear``."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = _RoutedFrozenLinear
+    return model
+
+
 def peft_step(model, batch):
     input_ids, mask, labels = batch
     model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
@@ -113,15 +158,15 @@ def base_models(n: int) -> list:
     return models
 
 
-def build_models(cfg: dict):
+def build_models(cfg: dict, routed_floor: bool = False):
     """(frozen base, loratune model, PEFT model) with identical, non-trivial adapter weights, on shared base
-    weights."""
+    weights; with ``routed_floor``, also the frozen base on loratune's kernels (``route_frozen_linears``)."""
     import peft
 
     from loratune import LoraConfig, get_lora_model
     from loratune.io import adapter_tensors
 
-    base, lt_base, peft_base = base_models(3)
+    base, lt_base, peft_base, *rest = base_models(4 if routed_floor else 3)
     torch.manual_seed(0)
     lt = get_lora_model(lt_base, LoraConfig(**cfg, init_lora_weights=False))
     pcfg = peft.LoraConfig(**{k: v for k, v in cfg.items()}, task_type="CAUSAL_LM")
@@ -131,6 +176,8 @@ def build_models(cfg: dict):
     assert not result.unexpected_keys, result.unexpected_keys
     for m in (base, lt, pm):
         m.train()
+    if routed_floor:
+        return base, lt, pm, route_frozen_linears(rest[0].requires_grad_(False).train())
     return base, lt, pm
 
 
@@ -202,12 +249,13 @@ def peak_step_memory_mb(step, model, batch) -> float | None:
 
 
 def bench_config(name: str, cfg: dict, args) -> dict:
-    base, lt, pm = build_models(cfg)
+    base, lt, pm, routed = build_models(cfg, routed_floor=True)
     vocab = base.config.vocab_size
     small = make_batch(args.batch, args.seq, vocab)
     diff = check_same_function(lt, pm, small)
     steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
-             "loratune": (loratune_step, lt), "peft": (peft_step, pm)}
+             "floor_onednn": (floor_chunked_step, routed), "loratune": (loratune_step, lt),
+             "loratune_mkl": (loratune_mkl_step, lt), "peft": (peft_step, pm)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
         timed(step, model, small)
@@ -225,14 +273,18 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         "median_s": med, "all_s": times,
         "loratune_over_floor": ratio("loratune", "floor"), "loratune_over_peft": ratio("loratune", "peft"),
         "loratune_over_floor_chunked": ratio("loratune", "floor_chunked"),
+        "loratune_over_floor_onednn": ratio("loratune", "floor_onednn"),
+        "loratune_mkl_over_floor": ratio("loratune_mkl", "floor"),
+        "loratune_mkl_over_peft": ratio("loratune_mkl", "peft"),
         "peft_over_floor": ratio("peft", "floor"),
         "quartiles": {"loratune_over_floor": ratio_spread(times["loratune"], times["floor"]),
-                      "loratune_over_peft": ratio_spread(times["loratune"], times["peft"])},
+                      "loratune_over_peft": ratio_spread(times["loratune"], times["peft"]),
+                      "loratune_over_floor_onednn": ratio_spread(times["loratune"], times["floor_onednn"])},
         "ratio_of_medians": {"loratune_over_floor": med["loratune"] / med["floor"],
                              "loratune_over_peft": med["loratune"] / med["peft"],
                              "peft_over_floor": med["peft"] / med["floor"]},
     }
-    del base, lt, pm
+    del base, lt, pm, routed
     gc.collect()
     return out
 
@@ -269,7 +321,13 @@ def bench_inference(cfg: dict, args) -> dict:
         finally:
             lt.unmerge_adapter()
 
-    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), "merged": merged}
+    def unmerged_mkl():
+        from loratune import gemm
+
+        with gemm.use_onednn(False):
+            return fwd(lt)
+
+    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), "unmerged_mkl": unmerged_mkl, "merged": merged}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
         run()
@@ -280,6 +338,7 @@ def bench_inference(cfg: dict, args) -> dict:
     return {"median_s": med, "all_s": times,
             "unmerged_over_base": paired_ratio(times["unmerged"], times["base"]),
             "merged_over_base": paired_ratio(times["merged"], times["base"]),
+            "unmerged_mkl_over_base": paired_ratio(times["unmerged_mkl"], times["base"]),
             "quartiles": {"unmerged_over_base": ratio_spread(times["unmerged"], times["base"]),
                           "merged_over_base": ratio_spread(times["merged"], times["base"])}}
 
@@ -311,19 +370,24 @@ def bench_attribution(args) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'config':28s} {'floor s':>7s} {'fl_chk s':>8s} {'lt s':>6s} {'peft s':>6s} {'lt/floor':>8s} "
-          f"{'lt/fl_chk':>9s} {'lt/peft':>7s} {'peft/fl':>7s} | peak MiB @{results[0].get('memory_tokens', '-')}: "
+    print(f"\n{'config':28s} {'floor s':>7s} {'fl_chk s':>8s} {'fl_dnn s':>8s} {'lt s':>6s} {'peft s':>6s} "
+          f"{'lt/floor':>8s} {'lt/fl_chk':>9s} {'lt/fl_dnn':>9s} {'lt/peft':>7s} {'ltmkl/fl':>8s} {'ltmkl/peft':>10s} "
+          f"{'peft/fl':>7s} | peak MiB @{results[0].get('memory_tokens', '-')}: "
           "floor / floor_chunked / loratune / peft")
     for r in results:
         m = r["median_s"]
         mem = r.get("peak_mb")
         mem_s = " / ".join(f"{mem[k]:.0f}" for k in ("floor", "floor_chunked", "loratune", "peft")) if mem else "-"
-        print(f"{r['config']:28s} {m['floor']:7.3f} {m['floor_chunked']:8.3f} {m['loratune']:6.3f} {m['peft']:6.3f} "
-              f"{r['loratune_over_floor']:8.3f} {r['loratune_over_floor_chunked']:9.3f} {r['loratune_over_peft']:7.3f} "
+        print(f"{r['config']:28s} {m['floor']:7.3f} {m['floor_chunked']:8.3f} {m['floor_onednn']:8.3f} "
+              f"{m['loratune']:6.3f} {m['peft']:6.3f} {r['loratune_over_floor']:8.3f} "
+              f"{r['loratune_over_floor_chunked']:9.3f} {r['loratune_over_floor_onednn']:9.3f} "
+              f"{r['loratune_over_peft']:7.3f} {r['loratune_mkl_over_floor']:8.3f} {r['loratune_mkl_over_peft']:10.3f} "
               f"{r['peft_over_floor']:7.3f} | {mem_s}")
     print("quartiles of the per-repeat ratios (this machine's spread): "
           + "; ".join(f"{r['config']}: lt/floor {q['loratune_over_floor'][0]:.3f}-{q['loratune_over_floor'][1]:.3f}, "
-                      f"lt/peft {q['loratune_over_peft'][0]:.3f}-{q['loratune_over_peft'][1]:.3f}"
+                      f"lt/peft {q['loratune_over_peft'][0]:.3f}-{q['loratune_over_peft'][1]:.3f}, "
+                      f"lt/floor_onednn {q['loratune_over_floor_onednn'][0]:.3f}-"
+                      f"{q['loratune_over_floor_onednn'][1]:.3f}"
                       for r in results for q in [r["quartiles"]]))
 
 
@@ -380,7 +444,8 @@ def main(argv=None) -> int:
         print(f"inference {name}: base {m['base']:.3f}s unmerged {m['unmerged']:.3f}s merged {m['merged']:.3f}s "
               f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f} (quartiles "
               f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['unmerged_over_base'])} and "
-              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])})", flush=True)
+              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])}); unmerged with the products on "
+              f"MKL (LORATUNE_ONEDNN=0) {m['unmerged_mkl']:.3f}s, /base {r['unmerged_mkl_over_base']:.3f}", flush=True)
     attribution = bench_attribution(args) if args.attribution else {}
     for k, v in attribution.get("over_floor_chunked", {}).items():
         print(f"attribution {k:18s} {attribution['median_s'][k]:.3f}s  /floor_chunked {v:.3f}", flush=True)

@@ -41,3 +41,23 @@ def test_paired_ratio_and_its_quartiles():
     assert train_step.paired_ratio(a, b) == 2.0
     assert train_step.ratio_spread(a, b) == [2.0, 3.0]
     assert train_step.ratio_spread([3.0], [2.0]) == [1.5, 1.5]  # one repeat: no spread to show
+
+
+def test_the_routed_floor_computes_what_the_floor_does():
+    """floor_onednn (the frozen model on loratune's kernels) must be the same function with the same input
+    gradient, or loratune/floor_onednn would compare different work."""
+    import torch
+
+    from conftest import rel_err, tiny_llama
+
+    plain, routed = tiny_llama(), train_step.route_frozen_linears(tiny_llama())
+    assert any(type(m) is train_step._RoutedFrozenLinear for m in routed.modules())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (plain, routed):
+        model.requires_grad_(False)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, labels=ids).loss
+        loss.backward()
+        grads.append((loss, embeds.grad))
+    assert rel_err(grads[1][0], grads[0][0]) <= 1e-5 and rel_err(grads[1][1], grads[0][1]) <= 1e-5

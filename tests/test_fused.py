@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune import LoraConfig, fused, get_lora_model
+from loratune import LoraConfig, fused, gemm, get_lora_model
 from loratune import dropout as seeded
 from loratune import functional as LF
 from loratune.layers import BASE, Conv1DLora, LinearLora
@@ -17,6 +17,13 @@ from loratune.layers import BASE, Conv1DLora, LinearLora
 from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True, params=["onednn", "torch"])
+def gemm_route(request):
+    """Every test here runs with the products on oneDNN and again on torch.mm (gemm.py): both must be exact."""
+    with gemm.use_onednn(request.param == "onednn"):
+        yield request.param
 
 
 @pytest.fixture(params=["native", "numpy"])

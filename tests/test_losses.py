@@ -7,12 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune import LoraConfig, get_lora_model
+from loratune import LoraConfig, gemm, get_lora_model
 from loratune.losses import causal_lm_loss, chunked_causal_lm_loss
 
 from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True, params=["onednn", "torch"])
+def gemm_route(request):
+    """Every test here runs with the logits product on oneDNN and again on torch.mm (gemm.py)."""
+    with gemm.use_onednn(request.param == "onednn"):
+        yield request.param
 
 
 def _reference(h, W, labels, b=None):

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import torch
 
 from . import dropout as seeded
+from . import gemm
 
 _state = threading.local()
 _ENABLED = os.environ.get("LORATUNE_FUSED", "1") != "0"
@@ -156,9 +157,8 @@ def _forward(x2, xd, weight, bias, A, B, s):
     The thin LoRA product is computed first and the base matmul then accumulates into it (beta = 1): the output is
     written by the thin matmul and finished inside the big one's stores, instead of a second full pass over it. The
     scalar goes on the tokens × r factor, where it costs nothing and makes B's gradient simply gᵀ·us."""
-    us = xd.mm(A.t()).mul_(s)
-    out = torch.mm(us, B.t()) if bias is None else torch.addmm(bias, us, B.t())
-    return out.addmm_(x2, weight.t()), us
+    us = gemm.linear(xd, A).mul_(s)
+    return gemm.linear(x2, weight, bias, other=gemm.linear(us, B)), us
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -184,16 +184,16 @@ class LoraLinearFunction(torch.autograd.Function):
         g = g.contiguous()
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_A = grad_B = None
-        gu = g.mm(B).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
+        gu = gemm.linear(g, B.t()).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
         if need_x:
-            lora_gx = gu.mm(A)  # tokens × in through the rank-r bottleneck, not an out × in matrix
+            lora_gx = gemm.linear(gu, A.t())  # tokens × in through the rank-r bottleneck, not an out × in matrix
             if draw is not None:
                 draw.apply(lora_gx, lora_gx, mask)  # in place: no second tokens × in buffer
-            grad_x = lora_gx.addmm_(g, weight)  # + g·W: the base's input gradient, accumulated in place
+            grad_x = gemm.linear(g, weight.t(), other=lora_gx)  # + g·W: the base's input gradient
         if need_A:
             if ctx.rebuild:  # saved x: x⊙m again, the same bits from the draw's seed (or its saved mask)
                 xd = draw.apply(xd, mask=mask)
-            grad_A = gu.t().mm(xd)
+            grad_A = gemm.linear(gu.t(), xd.t())
         if need_B:
             grad_B = g.t().mm(us)
         if need_b and ctx.has_bias:

@@ -1,0 +1,71 @@
+"""gemm.linear against float64, on both routes (oneDNN and torch.mm), for every operand layout the callers use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loratune import gemm
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN linear")
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# (x, w) as the fused path and the loss pass them: x·Wᵀ, us·Bᵀ, g·B (w = B.t()), gu·A (w = A.t()), g·W (w = W.t()),
+# guᵀ·xd (x = gu.t(), w = xd.t()), and a strided x.
+LAYOUTS = {
+    "x·Wᵀ": lambda: (_rand(37, 48), _rand(40, 48, seed=1)),
+    "thin x·Aᵀ": lambda: (_rand(37, 48), _rand(4, 48, seed=1)),
+    "thin us·Bᵀ": lambda: (_rand(37, 4), _rand(40, 4, seed=1)),
+    "g·B (w a transposed view)": lambda: (_rand(37, 40), _rand(40, 4, seed=1).t()),
+    "g·W (w a transposed view)": lambda: (_rand(37, 40), _rand(40, 48, seed=1).t()),
+    "guᵀ·xd (both transposed views)": lambda: (_rand(37, 4).t(), _rand(37, 48, seed=1).t()),
+    "strided x": lambda: (_rand(37, 96)[:, ::2], _rand(40, 48, seed=1)),
+}
+
+
+@pytest.mark.parametrize("route", [True, False], ids=["onednn", "torch"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("extras", ["plain", "bias", "other", "bias+other"])
+def test_linear_matches_float64(route, layout, extras):
+    x, w = LAYOUTS[layout]()
+    bias = _rand(w.shape[0], seed=2) if "bias" in extras else None
+    other = _rand(x.shape[0], w.shape[0], seed=3) if "other" in extras else None
+    want = x.double() @ w.double().t()
+    want = want + (bias.double() if bias is not None else 0) + (other.double() if other is not None else 0)
+    with gemm.use_onednn(route):
+        assert gemm.routed(x, w) is route
+        got = gemm.linear(x, w, bias, None if other is None else other.clone())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert rel_err(got, want) <= 2e-6  # fp32 with fp32 accumulation, both routes
+
+
+def test_bf16_is_routed_and_close():
+    x, w = _rand(33, 64, dtype=torch.bfloat16), _rand(24, 64, seed=1, dtype=torch.bfloat16)
+    assert gemm.routed(x, w)
+    got = gemm.linear(x, w)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, x.double() @ w.double().t()) <= 1e-2  # bf16 output rounding
+
+
+def test_what_is_not_routed_still_computes():
+    """float64, mixed dtypes and empty inputs go to torch.mm: same result, no error."""
+    x, w = _rand(5, 8, dtype=torch.float64), _rand(3, 8, seed=1, dtype=torch.float64)
+    assert not gemm.routed(x, w)
+    assert torch.equal(gemm.linear(x, w), x @ w.t())
+    assert not gemm.routed(x.float(), w)
+    empty = torch.empty(0, 8)
+    assert not gemm.routed(empty, w.float()) and gemm.linear(empty, w.float()).shape == (0, 3)
+
+
+def test_use_onednn_restores_the_setting():
+    x, w = _rand(5, 8), _rand(3, 8, seed=1)
+    before = gemm.routed(x, w)
+    with gemm.use_onednn(not before):
+        assert gemm.routed(x, w) is (not before)
+    assert gemm.routed(x, w) is before
