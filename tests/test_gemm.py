@@ -12,6 +12,12 @@ from conftest import rel_err
 pytestmark = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def route_small_products(monkeypatch):
+    """The products here are small; route them anyway (test_small_products_stay_on_torch checks the threshold)."""
+    monkeypatch.setattr(gemm, "MIN_MACS", 0)
+
+
 def _rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -69,3 +75,14 @@ def test_use_onednn_restores_the_setting():
     with gemm.use_onednn(not before):
         assert gemm.routed(x, w) is (not before)
     assert gemm.routed(x, w) is before
+
+
+def test_small_products_stay_on_torch(monkeypatch):
+    """A oneDNN call costs more than a small product: below MIN_MACS multiply-adds, torch.mm computes it."""
+    monkeypatch.setattr(gemm, "MIN_MACS", 1000)
+    x, w = _rand(10, 10), _rand(10, 10, seed=1)  # 1000 multiply-adds: routed
+    assert gemm.routed(x, w) and not gemm.routed(x[:9], w)
+    assert rel_err(gemm.linear(x[:9], w), x[:9].double() @ w.double().t()) <= 2e-6
+    monkeypatch.undo()
+    assert gemm.MIN_MACS >= 1 << 20  # a decode step's (1 token) products are below the default
+    assert not gemm.routed(_rand(1, 576), _rand(1536, 576)) and gemm.routed(_rand(512, 576), _rand(1536, 576))
