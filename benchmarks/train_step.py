@@ -9,8 +9,8 @@ On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, fo
 
 loratune runs its matrix products on oneDNN where that is faster than torch's MKL (``src/loratune/gemm.py``), and
 the stock floor does not. So that the LoRA layers' own cost stays visible, two more contestants are timed:
-* floor_onednn:  the frozen model with its linears' products on oneDNN too, and loratune's loss: loratune at rank 0,
-                 so loratune/floor_onednn is what the adapters cost;
+* floor_onednn:  the frozen model with the adapted linears' products on oneDNN too, and loratune's loss: loratune
+                 at rank 0, so loratune/floor_onednn is what the adapters themselves cost;
 * loratune_mkl:  loratune's step with the routing turned off (``LORATUNE_ONEDNN=0``): what oneDNN brings.
 
 The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
@@ -107,10 +107,14 @@ class _RoutedFrozenLinear(torch.nn.Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def route_frozen_linears(model):
-    """The floor on loratune's kernels: every frozen nn.Linear of ``model`` computes through ``gemm.linear``."""
-    for m in model.modules():
-        if type(m) is torch.nn.Linear:
+def route_frozen_linears(model, names=None):
+    """loratune at rank 0: the frozen nn.Linear modules ``names`` (None: all) of ``model`` compute through
+    ``gemm.linear`` as loratune's LoRA layers do. The output embedding is left alone: loratune's loss computes the
+    logits itself (through gemm too), and a changed head would make ``causal_lm_loss`` fall back to the model's
+    own loss."""
+    head = model.get_output_embeddings()
+    for name, m in model.named_modules():
+        if type(m) is torch.nn.Linear and m is not head and (names is None or name in names):
             m.__class__ = _RoutedFrozenLinear
     return model
 
@@ -177,7 +181,8 @@ def build_models(cfg: dict, routed_floor: bool = False):
     for m in (base, lt, pm):
         m.train()
     if routed_floor:
-        return base, lt, pm, route_frozen_linears(rest[0].requires_grad_(False).train())
+        targets = {name for name, _ in lt.lora_layers()}  # the floor routes what loratune routes, no more
+        return base, lt, pm, route_frozen_linears(rest[0].requires_grad_(False).train(), targets)
     return base, lt, pm
 
 

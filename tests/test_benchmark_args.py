@@ -51,7 +51,12 @@ def test_the_routed_floor_computes_what_the_floor_does():
     from conftest import rel_err, tiny_llama
 
     plain, routed = tiny_llama(), train_step.route_frozen_linears(tiny_llama())
-    assert any(type(m) is train_step._RoutedFrozenLinear for m in routed.modules())
+    kinds = {name: type(m) for name, m in routed.named_modules()}
+    assert kinds["model.layers.0.self_attn.q_proj"] is train_step._RoutedFrozenLinear
+    assert kinds["lm_head"] is torch.nn.Linear  # loratune's loss makes the logits itself
+    only = train_step.route_frozen_linears(tiny_llama(), {"model.layers.1.mlp.up_proj"})
+    assert [n for n, m in only.named_modules() if type(m) is train_step._RoutedFrozenLinear] == [
+        "model.layers.1.mlp.up_proj"]
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     grads = []
     for model in (plain, routed):

@@ -48,8 +48,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         buf = None  # one chunk × vocab buffer for all chunks: fresh big allocations cost page faults on CPU
+        logits = probs = g = None
         for i in range(0, h.shape[0], chunk_size):
             hc, tc = h[i:i + chunk_size], targets[i:i + chunk_size]
+            logits = probs = g = None  # free the last chunk's logits (unless they are buf) before making these
             logits = _chunk_logits(hc, weight, bias, acc, buf)  # at least fp32, as transformers does
             buf = logits if buf is None and not gemm.routed(hc, weight) else buf
             rows = torch.arange(len(tc), device=h.device)
