@@ -6,8 +6,8 @@ path adds, per module, a float dropout mask and a dropped-out copy of x (both sa
 over the full output, and as many autograd nodes; on CPU the dropout's random numbers alone cost about half a base
 matmul. Here:
 
-* the thin LoRA product is written first and the base matmul accumulates into it (``addmm_``): no tokens × out
-  temporaries and no second pass over the output;
+* the base product adds the LoRA term as it writes its output (oneDNN's add post-op, or ``addmm_`` into it on
+  torch.mm's path; ``gemm.py`` picks the library): no scaled tokens × out temporaries, no second pass over it;
 * dropout on CPU is a seed, not a mask (``dropout.py``): a compiled kernel applies the mask while drawing it, the
   backward rebuilds it the same way for the input gradient, and nothing mask-sized is saved. The nodes save x⊙mask
   in place of x (A's gradient needs the one, nothing needs the other), so dropout costs no memory; where x is a
@@ -154,9 +154,9 @@ def clear_mask_cache() -> None:
 def _forward(x2, xd, weight, bias, A, B, s):
     """Base output plus the LoRA term; returns (out, us) where us = s·xd·Aᵀ is tokens × r.
 
-    The thin LoRA product is computed first and the base matmul then accumulates into it (beta = 1): the output is
-    written by the thin matmul and finished inside the big one's stores, instead of a second full pass over it. The
-    scalar goes on the tokens × r factor, where it costs nothing and makes B's gradient simply gᵀ·us."""
+    The thin LoRA product is computed first and the base product adds it as it writes its output, instead of a
+    second full pass over the output. The scalar goes on the tokens × r factor, where it costs nothing and makes
+    B's gradient simply gᵀ·us."""
     us = gemm.linear(xd, A).mul_(s)
     return gemm.linear(x2, weight, bias, other=gemm.linear(us, B)), us
 
@@ -194,7 +194,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if ctx.rebuild:  # saved x: x⊙m again, the same bits from the draw's seed (or its saved mask)
                 xd = draw.apply(xd, mask=mask)
             grad_A = gemm.linear(gu.t(), xd.t())
-        if need_B:
+        if need_B:  # torch.mm, not gemm.linear: oneDNN ran this reduction over tokens 2.5-4× slower than MKL
             grad_B = g.t().mm(us)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)

@@ -1,17 +1,17 @@
-"""Matrix products for the fused LoRA path and the chunked loss, routed to the faster CPU library per shape.
+"""Matrix products for the fused LoRA path and the chunked loss, on oneDNN where torch's MKL is slower.
 
-torch's CPU ``mm``/``linear`` on fp32 call MKL's sgemm. On this project's machines (AMD EPYC, 2 cores) MKL runs the
-shapes of a LoRA step well below what the CPU can do: the LM head's logits (tokens × 576 · 576 × 49,152) at about
-100 GFLOP/s, the frozen linears' forward at 105–155, and LoRA's B product (tokens × 16 · 16 × 1536) at about 20.
-oneDNN, which torch also ships (``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler emits for CPU
-linears), runs the same products at 150–190 GFLOP/s, in fp32 with fp32 accumulation: results agree with float64
-to about 1e-6 relative, as MKL's do (tests/test_gemm.py).
+torch's CPU ``mm``/``linear`` on fp32 call MKL's sgemm, which runs well below this CPU's speed on the products of a
+LoRA step (this project's machines are AMD EPYC; MKL is Intel's). oneDNN, which torch ships too, is the library
+behind ``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler emits for CPU linears. It computes in
+fp32 with fp32 accumulation: results agree with float64 to about 1e-6 relative, as MKL's do (tests/test_gemm.py).
+Measured on 2 cores (exploratory, interleaved repeats): the LM head's logits, 512 × 576 · 576 × 49,152, take about
+210 ms against 280-360 ms; the frozen linears' forward and input gradient at 512 tokens are 5-20 % faster. In
+the training step, ``benchmarks/train_step.py`` times loratune with and without the routing (``loratune_mkl``).
 
-``linear(x, w)`` is x·wᵀ (+ bias, + other) for 2-D x and w of any strides. It uses oneDNN where it is available
-(a CPU build of torch with it, fp32 or bf16, tensors on CPU) and the product is big enough to pay for oneDNN's
-per-call cost (``MIN_MACS``), and torch.mm/addmm otherwise. ``use_onednn(False)``
-or ``LORATUNE_ONEDNN=0`` turns the routing off, e.g. to compare. Nothing here has an autograd formula: the
-callers are autograd functions with their own backward.
+``linear(x, w)`` is x·wᵀ (+ bias, + other) for 2-D x and w of any strides. It runs on oneDNN where this torch
+build has it, the tensors are fp32 or bf16 on CPU, and the product is big enough to pay for oneDNN's per-call
+cost (``MIN_MACS``); otherwise on torch.mm/addmm. ``use_onednn(False)`` or ``LORATUNE_ONEDNN=0`` turns the routing
+off. Nothing here has an autograd formula: the callers are autograd functions with their own backward.
 """
 
 from __future__ import annotations
