@@ -7,11 +7,14 @@ On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, fo
 * loratune: loratune's step: ``causal_lm_loss(lora_model, ...)`` (fused LoRA linears, chunked loss) + backward;
 * PEFT:     PEFT's step with the same LoRA config and the same adapter weights: ``model(labels=...).loss.backward()``.
 
-loratune runs its matrix products on oneDNN where that is faster than torch's MKL (``src/loratune/gemm.py``), and
-the stock floor does not. So that the LoRA layers' own cost stays visible, two more contestants are timed:
-* floor_onednn:  the frozen model with the adapted linears' products on oneDNN too, and loratune's loss: loratune
-                 at rank 0, so loratune/floor_onednn is what the adapters themselves cost;
-* loratune_mkl:  loratune's step with the routing turned off (``LORATUNE_ONEDNN=0``): what oneDNN brings.
+loratune runs its matrix products on oneDNN instead of torch's MKL on CPUs where that is faster (AVX-512, not
+Intel: ``src/loratune/gemm.py``), and the stock floor never does. So that the LoRA layers' own cost and the
+routing's share both stay visible, more contestants are timed:
+* floor_onednn:    the frozen model with the adapted linears' products on oneDNN, and loratune's loss: loratune at
+                   rank 0 on oneDNN, so loratune_onednn/floor_onednn is what the adapters themselves cost there
+                   (on MKL, loratune_mkl/floor_chunked is);
+* loratune_onednn, loratune_mkl: loratune's step with the routing forced on and off (``LORATUNE_ONEDNN=1``/``0``).
+                   One of them is what this CPU runs by default, i.e. "loratune", and is not timed twice.
 
 The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
 repeats of the ratio within each repeat: on a shared 2-core VM the speed drifts by ±10 % over tens of seconds,
@@ -76,11 +79,20 @@ def loratune_step(model, batch):
     causal_lm_loss(model, input_ids, mask, labels).backward()
 
 
-def loratune_mkl_step(model, batch):
+def routed_step(step, onednn: bool):
+    """``step`` with loratune's products on oneDNN (True) or torch.mm/MKL (False), whatever this CPU's default."""
+    def run(model, batch):
+        from loratune import gemm
+
+        with gemm.use_onednn(onednn):
+            step(model, batch)
+    return run
+
+
+def default_route() -> str:
     from loratune import gemm
 
-    with gemm.use_onednn(False):
-        loratune_step(model, batch)
+    return "onednn" if gemm.routing_on() else "mkl"
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
@@ -258,9 +270,10 @@ def bench_config(name: str, cfg: dict, args) -> dict:
     vocab = base.config.vocab_size
     small = make_batch(args.batch, args.seq, vocab)
     diff = check_same_function(lt, pm, small)
+    other = "mkl" if default_route() == "onednn" else "onednn"
     steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
-             "floor_onednn": (floor_chunked_step, routed), "loratune": (loratune_step, lt),
-             "loratune_mkl": (loratune_mkl_step, lt), "peft": (peft_step, pm)}
+             "floor_onednn": (routed_step(floor_chunked_step, True), routed), "loratune": (loratune_step, lt),
+             f"loratune_{other}": (routed_step(loratune_step, other == "onednn"), lt), "peft": (peft_step, pm)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
         timed(step, model, small)
@@ -268,6 +281,7 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         order = list(steps) if i % 2 == 0 else list(reversed(steps))  # interleaved, alternating order
         for k in order:
             times[k].append(timed(steps[k][0], steps[k][1], small))
+    times[f"loratune_{default_route()}"] = times["loratune"]  # the default route is loratune itself
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def ratio(a: str, b: str) -> float:
@@ -275,16 +289,21 @@ def bench_config(name: str, cfg: dict, args) -> dict:
 
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": diff,
-        "median_s": med, "all_s": times,
+        "default_route": default_route(), "median_s": med, "all_s": times,
         "loratune_over_floor": ratio("loratune", "floor"), "loratune_over_peft": ratio("loratune", "peft"),
         "loratune_over_floor_chunked": ratio("loratune", "floor_chunked"),
-        "loratune_over_floor_onednn": ratio("loratune", "floor_onednn"),
+        "loratune_onednn_over_floor_onednn": ratio("loratune_onednn", "floor_onednn"),
+        "loratune_mkl_over_floor_chunked": ratio("loratune_mkl", "floor_chunked"),
+        "loratune_onednn_over_floor": ratio("loratune_onednn", "floor"),
+        "loratune_onednn_over_peft": ratio("loratune_onednn", "peft"),
         "loratune_mkl_over_floor": ratio("loratune_mkl", "floor"),
         "loratune_mkl_over_peft": ratio("loratune_mkl", "peft"),
+        "floor_onednn_over_floor_chunked": ratio("floor_onednn", "floor_chunked"),
         "peft_over_floor": ratio("peft", "floor"),
         "quartiles": {"loratune_over_floor": ratio_spread(times["loratune"], times["floor"]),
                       "loratune_over_peft": ratio_spread(times["loratune"], times["peft"]),
-                      "loratune_over_floor_onednn": ratio_spread(times["loratune"], times["floor_onednn"])},
+                      "loratune_onednn_over_floor_onednn": ratio_spread(times["loratune_onednn"],
+                                                                        times["floor_onednn"])},
         "ratio_of_medians": {"loratune_over_floor": med["loratune"] / med["floor"],
                              "loratune_over_peft": med["loratune"] / med["peft"],
                              "peft_over_floor": med["peft"] / med["floor"]},
@@ -326,23 +345,28 @@ def bench_inference(cfg: dict, args) -> dict:
         finally:
             lt.unmerge_adapter()
 
-    def unmerged_mkl():
+    other = "mkl" if default_route() == "onednn" else "onednn"
+
+    def unmerged_other():
         from loratune import gemm
 
-        with gemm.use_onednn(False):
+        with gemm.use_onednn(other == "onednn"):
             return fwd(lt)
 
-    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), "unmerged_mkl": unmerged_mkl, "merged": merged}
+    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), f"unmerged_{other}": unmerged_other,
+            "merged": merged}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
         run()
     for i in range(max(args.repeats, 1) * 2):
         for k in list(runs) if i % 2 == 0 else list(reversed(runs)):
             times[k].append(runs[k]())
+    times[f"unmerged_{default_route()}"] = times["unmerged"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "all_s": times,
+    return {"median_s": med, "all_s": times, "default_route": default_route(),
             "unmerged_over_base": paired_ratio(times["unmerged"], times["base"]),
             "merged_over_base": paired_ratio(times["merged"], times["base"]),
+            "unmerged_onednn_over_base": paired_ratio(times["unmerged_onednn"], times["base"]),
             "unmerged_mkl_over_base": paired_ratio(times["unmerged_mkl"], times["base"]),
             "quartiles": {"unmerged_over_base": ratio_spread(times["unmerged"], times["base"]),
                           "merged_over_base": ratio_spread(times["merged"], times["base"])}}
@@ -375,24 +399,29 @@ def bench_attribution(args) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'config':28s} {'floor s':>7s} {'fl_chk s':>8s} {'fl_dnn s':>8s} {'lt s':>6s} {'peft s':>6s} "
-          f"{'lt/floor':>8s} {'lt/fl_chk':>9s} {'lt/fl_dnn':>9s} {'lt/peft':>7s} {'ltmkl/fl':>8s} {'ltmkl/peft':>10s} "
-          f"{'peft/fl':>7s} | peak MiB @{results[0].get('memory_tokens', '-')}: "
-          "floor / floor_chunked / loratune / peft")
+    """The medians and ratios per config; 'dnn' is loratune with the routing on, 'mkl' with it off."""
+    cols = [("floor s", lambda r: r["median_s"]["floor"]), ("fl_chk s", lambda r: r["median_s"]["floor_chunked"]),
+            ("fl_dnn s", lambda r: r["median_s"]["floor_onednn"]), ("lt s", lambda r: r["median_s"]["loratune"]),
+            ("peft s", lambda r: r["median_s"]["peft"]), ("lt/floor", lambda r: r["loratune_over_floor"]),
+            ("lt/peft", lambda r: r["loratune_over_peft"]), ("dnn/fl", lambda r: r["loratune_onednn_over_floor"]),
+            ("dnn/peft", lambda r: r["loratune_onednn_over_peft"]), ("mkl/fl", lambda r: r["loratune_mkl_over_floor"]),
+            ("mkl/peft", lambda r: r["loratune_mkl_over_peft"]),
+            ("dnn/fl_dnn", lambda r: r["loratune_onednn_over_floor_onednn"]),
+            ("mkl/fl_chk", lambda r: r["loratune_mkl_over_floor_chunked"]),
+            ("fl_dnn/fl_chk", lambda r: r["floor_onednn_over_floor_chunked"]),
+            ("peft/fl", lambda r: r["peft_over_floor"])]
+    print(f"\nloratune's products by default on: {results[0]['default_route']} (gemm.py)")
+    print(f"{'config':28s} " + " ".join(f"{h:>{max(len(h), 6)}s}" for h, _ in cols)
+          + f" | peak MiB @{results[0].get('memory_tokens', '-')}: floor / floor_chunked / loratune / peft")
     for r in results:
-        m = r["median_s"]
         mem = r.get("peak_mb")
         mem_s = " / ".join(f"{mem[k]:.0f}" for k in ("floor", "floor_chunked", "loratune", "peft")) if mem else "-"
-        print(f"{r['config']:28s} {m['floor']:7.3f} {m['floor_chunked']:8.3f} {m['floor_onednn']:8.3f} "
-              f"{m['loratune']:6.3f} {m['peft']:6.3f} {r['loratune_over_floor']:8.3f} "
-              f"{r['loratune_over_floor_chunked']:9.3f} {r['loratune_over_floor_onednn']:9.3f} "
-              f"{r['loratune_over_peft']:7.3f} {r['loratune_mkl_over_floor']:8.3f} {r['loratune_mkl_over_peft']:10.3f} "
-              f"{r['peft_over_floor']:7.3f} | {mem_s}")
+        print(f"{r['config']:28s} " + " ".join(f"{f(r):>{max(len(h), 6)}.3f}" for h, f in cols) + f" | {mem_s}")
     print("quartiles of the per-repeat ratios (this machine's spread): "
           + "; ".join(f"{r['config']}: lt/floor {q['loratune_over_floor'][0]:.3f}-{q['loratune_over_floor'][1]:.3f}, "
                       f"lt/peft {q['loratune_over_peft'][0]:.3f}-{q['loratune_over_peft'][1]:.3f}, "
-                      f"lt/floor_onednn {q['loratune_over_floor_onednn'][0]:.3f}-"
-                      f"{q['loratune_over_floor_onednn'][1]:.3f}"
+                      f"dnn/fl_dnn {q['loratune_onednn_over_floor_onednn'][0]:.3f}-"
+                      f"{q['loratune_onednn_over_floor_onednn'][1]:.3f}"
                       for r in results for q in [r["quartiles"]]))
 
 
@@ -449,13 +478,15 @@ def main(argv=None) -> int:
         print(f"inference {name}: base {m['base']:.3f}s unmerged {m['unmerged']:.3f}s merged {m['merged']:.3f}s "
               f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f} (quartiles "
               f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['unmerged_over_base'])} and "
-              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])}); unmerged with the products on "
-              f"MKL (LORATUNE_ONEDNN=0) {m['unmerged_mkl']:.3f}s, /base {r['unmerged_mkl_over_base']:.3f}", flush=True)
+              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])}); by route (default "
+              f"{r['default_route']}): unmerged on oneDNN /base {r['unmerged_onednn_over_base']:.3f}, on MKL /base "
+              f"{r['unmerged_mkl_over_base']:.3f}", flush=True)
     attribution = bench_attribution(args) if args.attribution else {}
     for k, v in attribution.get("over_floor_chunked", {}).items():
         print(f"attribution {k:18s} {attribution['median_s'][k]:.3f}s  /floor_chunked {v:.3f}", flush=True)
     if args.json:
-        text = json.dumps({"torch": torch.__version__, "threads": args.threads, "malloc": args.malloc,
+        text = json.dumps({"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                           "default_route": default_route(), "threads": args.threads, "malloc": args.malloc,
                            "repeats": args.repeats, "results": results,
                            "inference": inference, "attribution": attribution}, indent=2)
         if args.json == "-":

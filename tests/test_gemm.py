@@ -14,8 +14,11 @@ pytestmark = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch 
 
 @pytest.fixture(autouse=True)
 def route_small_products(monkeypatch):
-    """The products here are small; route them anyway (test_small_products_stay_on_torch checks the threshold)."""
+    """The products here are small; route them anyway (test_small_products_stay_on_torch checks the threshold),
+    with the routing on whatever this CPU's default (the tests that need it off say so)."""
     monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    with gemm.use_onednn(True):
+        yield
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -51,9 +54,10 @@ def test_linear_matches_float64(route, layout, extras):
     assert rel_err(got, want) <= 2e-6  # fp32 with fp32 accumulation, both routes
 
 
-def test_bf16_is_routed_and_close():
+def test_bf16_is_routed_where_onednn_runs_it_and_close_either_way():
+    """oneDNN refuses bf16 products on CPUs without AVX-512 BF16 or AMX: there bf16 stays on torch.mm."""
     x, w = _rand(33, 64, dtype=torch.bfloat16), _rand(24, 64, seed=1, dtype=torch.bfloat16)
-    assert gemm.routed(x, w)
+    assert gemm.routed(x, w) is torch.ops.mkldnn._is_mkldnn_bf16_supported()
     got = gemm.linear(x, w)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, x.double() @ w.double().t()) <= 1e-2  # bf16 output rounding
@@ -71,10 +75,35 @@ def test_what_is_not_routed_still_computes():
 
 def test_use_onednn_restores_the_setting():
     x, w = _rand(5, 8), _rand(3, 8, seed=1)
-    before = gemm.routed(x, w)
-    with gemm.use_onednn(not before):
-        assert gemm.routed(x, w) is (not before)
-    assert gemm.routed(x, w) is before
+    for outer in (True, False):
+        with gemm.use_onednn(outer):
+            with gemm.use_onednn(not outer):
+                assert gemm.routed(x, w) is (not outer) and gemm.routing_on() is (not outer)
+            assert gemm.routed(x, w) is outer and gemm.routing_on() is outer
+
+
+@pytest.mark.parametrize("capability, vendor, want", [
+    ("AVX512", "AuthenticAMD", True),  # MKL runs AVX2 kernels on AMD; oneDNN uses AVX-512 (measured faster)
+    ("AVX512", "HygonGenuine", True),
+    ("AVX512", "GenuineIntel", False),  # MKL uses AVX-512 on Intel itself: torch's default stands
+    ("AVX2", "AuthenticAMD", False),  # measured: oneDNN's AVX2 kernels were slower than MKL's here
+    ("DEFAULT", "", False),
+])
+def test_the_default_route_follows_the_cpu(capability, vendor, want):
+    assert gemm.default_route(capability, vendor) is want
+
+
+@pytest.mark.parametrize("value, want", [("1", True), ("on", True), ("0", False), ("off", False),
+                                         ("", None), ("auto", None)])
+def test_loratune_onednn_forces_the_route(value, want, monkeypatch):
+    monkeypatch.setenv("LORATUNE_ONEDNN", value)
+    assert gemm._route_from_env() is (gemm.default_route() if want is None else want)
+
+
+def test_a_bad_loratune_onednn_warns_and_leaves_it_to_the_cpu(monkeypatch):
+    monkeypatch.setenv("LORATUNE_ONEDNN", "fast")
+    with pytest.warns(UserWarning, match="LORATUNE_ONEDNN='fast' is not understood.*1 \\(oneDNN\\), 0"):
+        assert gemm._route_from_env() is gemm.default_route()
 
 
 def test_small_products_stay_on_torch(monkeypatch):

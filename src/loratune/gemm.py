@@ -1,34 +1,91 @@
 """Matrix products for the fused LoRA path and the chunked loss, on oneDNN where torch's MKL is slower.
 
-torch's CPU ``mm``/``linear`` on fp32 call MKL's sgemm, which runs well below this CPU's speed on the products of a
-LoRA step (this project's machines are AMD EPYC; MKL is Intel's). oneDNN, which torch ships too, is the library
-behind ``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler emits for CPU linears. It computes in
-fp32 with fp32 accumulation: results agree with float64 to about 1e-6 relative, as MKL's do (tests/test_gemm.py).
-Measured on 2 cores (exploratory, interleaved repeats): the LM head's logits, 512 × 576 · 576 × 49,152, take about
-210 ms against 280-360 ms; the frozen linears' forward and input gradient at 512 tokens are 5-20 % faster. In
-the training step, ``benchmarks/train_step.py`` times loratune with and without the routing (``loratune_mkl``).
+torch's CPU ``mm``/``linear`` on fp32 call MKL's sgemm. MKL picks its kernels by CPU vendor: on AMD it runs its
+AVX2 kernels even where the CPU has AVX-512. oneDNN, which torch ships too (``torch.ops.mkldnn._linear_pointwise``,
+the op torch's own compiler emits for CPU linears), picks them by instruction set. It computes in fp32 with fp32
+accumulation: results agree with float64 to about 1e-6 relative, as MKL's do (tests/test_gemm.py).
 
-``linear(x, w)`` is x·wᵀ (+ bias, + other) for 2-D x and w of any strides. It runs on oneDNN where this torch
-build has it, the tensors are fp32 or bf16 on CPU, and the product is big enough to pay for oneDNN's per-call
-cost (``MIN_MACS``); otherwise on torch.mm/addmm. ``use_onednn(False)`` or ``LORATUNE_ONEDNN=0`` turns the routing
-off. Nothing here has an autograd formula: the callers are autograd functions with their own backward.
+Measured on 2 cores (exploratory, interleaved repeats; ``benchmarks/train_step.py`` times loratune with and without
+the routing, ``loratune_mkl``): on an AVX-512 AMD EPYC, oneDNN ran the LM head's logits (512 × 576 · 576 × 49,152)
+in about 210 ms against MKL's 280-360 ms and the frozen linears 5-20 % faster, and loratune's step was about 10 %
+faster with the routing than without. On an AVX2-only AMD EPYC (Zen 3) it was the other way round: the frozen
+model's step took 1.23× as long on oneDNN as on MKL. So by default the products go to oneDNN only on a non-Intel
+CPU with AVX-512 (``default_route()``); elsewhere torch.mm, i.e. MKL, as torch does.
+
+``linear(x, w)`` is x·wᵀ (+ bias, + other) for 2-D x and w of any strides. It runs on oneDNN where the routing is
+on, this torch build has oneDNN, the tensors are fp32 or bf16 on CPU, and the product is big enough to pay for
+oneDNN's per-call cost (``MIN_MACS``); otherwise on torch.mm/addmm. ``LORATUNE_ONEDNN=1`` or ``=0`` forces the
+routing on or off; ``use_onednn(flag)`` sets it inside a block. Nothing here has an autograd formula: the callers
+are autograd functions with their own backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 _OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _AVAILABLE = _OP is not None and torch.backends.mkldnn.is_available()
-_enabled = os.environ.get("LORATUNE_ONEDNN", "1") != "0"
-_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string as the kernel reports it ('' where it cannot be read, e.g. off Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def default_route(capability: str | None = None, vendor: str | None = None) -> bool:
+    """Whether oneDNN should take the products on this CPU: it has AVX-512 (torch's dispatch level) and is not
+    Intel's, i.e. MKL would leave its widest vectors unused. Arguments override the detection, for tests."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    vendor = _cpu_vendor() if vendor is None else vendor
+    return capability.upper().startswith("AVX512") and vendor != "GenuineIntel"
+
+
+def _route_from_env() -> bool:
+    value = os.environ.get("LORATUNE_ONEDNN", "").strip().lower()
+    if value in ("", "auto"):
+        return default_route()
+    if value in ("1", "true", "on"):
+        return True
+    if value in ("0", "false", "off"):
+        return False
+    warnings.warn(f"LORATUNE_ONEDNN={value!r} is not understood, so the CPU decides; set it to 1 (oneDNN), "
+                  "0 (torch.mm, i.e. MKL) or leave it unset", stacklevel=2)
+    return default_route()
+
+
+_enabled = _route_from_env()
+
+
+def _bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 products on this CPU (it needs AVX-512 BF16 or AMX; without, it refuses them)."""
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+_DTYPES = (torch.float32, torch.bfloat16) if _AVAILABLE and _bf16_supported() else (torch.float32,)
 # A oneDNN call costs about 15-20 µs more than torch.mm before any arithmetic (measured: 1×64·64×64 takes 23 µs
 # against 4 µs), so products below this many multiply-adds (e.g. a decode step's 1 token) stay on torch.mm.
 MIN_MACS = 1 << 22
+
+
+def routing_on() -> bool:
+    """Whether the routing is on now: the CPU's default or ``LORATUNE_ONEDNN``, unless ``use_onednn`` changed it."""
+    return _enabled and _AVAILABLE
 
 
 def onednn_available() -> bool:
