@@ -13,10 +13,10 @@ model's step took 1.23× as long on oneDNN as on MKL. So by default the products
 CPU with AVX-512 (``default_route()``); elsewhere torch.mm, i.e. MKL, as torch does.
 
 ``linear(x, w)`` is x·wᵀ (+ bias, + other) for 2-D x and w of any strides. It runs on oneDNN where the routing is
-on, this torch build has oneDNN, the tensors are fp32 or bf16 on CPU, and the product is big enough to pay for
-oneDNN's per-call cost (``MIN_MACS``); otherwise on torch.mm/addmm. ``LORATUNE_ONEDNN=1`` or ``=0`` forces the
-routing on or off; ``use_onednn(flag)`` sets it inside a block. Nothing here has an autograd formula: the callers
-are autograd functions with their own backward.
+on, this torch build has oneDNN, the tensors are on CPU in fp32 (or bf16, where oneDNN runs bf16 on this CPU),
+and the product is big enough to pay for oneDNN's per-call cost (``MIN_MACS``); otherwise on torch.mm/addmm.
+``LORATUNE_ONEDNN=1`` or ``=0`` forces the routing on or off; ``use_onednn(flag)`` sets it inside a block.
+Nothing here has an autograd formula: the callers are autograd functions with their own backward.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def use_onednn(flag: bool = True) -> Iterator[None]:
 
 def routed(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``linear(x, w)`` runs on oneDNN (then it always returns a new tensor)."""
-    return (_enabled and _AVAILABLE and x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype
+    return (routing_on() and x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype
             and x.dtype in _DTYPES and x.dim() == 2 and w.dim() == 2
             and x.shape[0] * x.shape[1] * w.shape[0] >= max(MIN_MACS, 1))
 
