@@ -79,13 +79,13 @@ def loratune_step(model, batch):
     causal_lm_loss(model, input_ids, mask, labels).backward()
 
 
-def routed_step(step, onednn: bool):
-    """``step`` with loratune's products on oneDNN (True) or torch.mm/MKL (False), whatever this CPU's default."""
-    def run(model, batch):
+def on_route(fn, route: str):
+    """``fn`` with loratune's products on ``route``, "onednn" or "mkl" (torch.mm), whatever this CPU's default."""
+    def run(*args):
         from loratune import gemm
 
-        with gemm.use_onednn(onednn):
-            step(model, batch)
+        with gemm.use_onednn(route == "onednn"):
+            return fn(*args)
     return run
 
 
@@ -93,6 +93,11 @@ def default_route() -> str:
     from loratune import gemm
 
     return "onednn" if gemm.routing_on() else "mkl"
+
+
+def other_route() -> str:
+    """The route this CPU does not take by default: the one timed besides "loratune"."""
+    return "mkl" if default_route() == "onednn" else "onednn"
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
@@ -270,10 +275,9 @@ def bench_config(name: str, cfg: dict, args) -> dict:
     vocab = base.config.vocab_size
     small = make_batch(args.batch, args.seq, vocab)
     diff = check_same_function(lt, pm, small)
-    other = "mkl" if default_route() == "onednn" else "onednn"
     steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
-             "floor_onednn": (routed_step(floor_chunked_step, True), routed), "loratune": (loratune_step, lt),
-             f"loratune_{other}": (routed_step(loratune_step, other == "onednn"), lt), "peft": (peft_step, pm)}
+             "floor_onednn": (on_route(floor_chunked_step, "onednn"), routed), "loratune": (loratune_step, lt),
+             f"loratune_{other_route()}": (on_route(loratune_step, other_route()), lt), "peft": (peft_step, pm)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
         timed(step, model, small)
@@ -345,16 +349,8 @@ def bench_inference(cfg: dict, args) -> dict:
         finally:
             lt.unmerge_adapter()
 
-    other = "mkl" if default_route() == "onednn" else "onednn"
-
-    def unmerged_other():
-        from loratune import gemm
-
-        with gemm.use_onednn(other == "onednn"):
-            return fwd(lt)
-
-    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), f"unmerged_{other}": unmerged_other,
-            "merged": merged}
+    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt),
+            f"unmerged_{other_route()}": on_route(lambda: fwd(lt), other_route()), "merged": merged}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
         run()

@@ -66,3 +66,15 @@ def test_the_routed_floor_computes_what_the_floor_does():
         loss.backward()
         grads.append((loss, embeds.grad))
     assert rel_err(grads[1][0], grads[0][0]) <= 1e-5 and rel_err(grads[1][1], grads[0][1]) <= 1e-5
+
+
+def test_on_route_runs_on_the_named_library_and_restores_the_default():
+    """loratune_onednn / loratune_mkl are loratune's step on one library each; the other contestants keep the
+    CPU's default, so the switch must not outlive the call."""
+    from loratune import gemm
+
+    before = gemm.routing_on()
+    seen = {r: train_step.on_route(gemm.routing_on, r)() for r in ("onednn", "mkl")}
+    assert seen == {"onednn": gemm.onednn_available(), "mkl": False}
+    assert gemm.routing_on() is before
+    assert {train_step.default_route(), train_step.other_route()} == {"onednn", "mkl"}

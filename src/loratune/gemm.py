@@ -28,7 +28,8 @@ from collections.abc import Iterator
 
 import torch
 
-_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_MKLDNN = getattr(torch.ops, "mkldnn", None)
+_OP = getattr(_MKLDNN, "_linear_pointwise", None)
 _AVAILABLE = _OP is not None and torch.backends.mkldnn.is_available()
 
 
@@ -70,7 +71,7 @@ _enabled = _route_from_env()
 
 def _bf16_supported() -> bool:
     """Whether oneDNN runs bf16 products on this CPU (it needs AVX-512 BF16 or AMX; without, it refuses them)."""
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    check = getattr(_MKLDNN, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else False
     except RuntimeError:
