@@ -84,6 +84,36 @@ def test_fused_linear_matches_reference(dtype, p, record_masks, dropout_impl):
         assert rel_err(got, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_half_base_with_fp32_adapters_runs_lora_in_fp32(half, p, record_masks):
+    """A bf16/fp16 base with fp32 adapters (the default) on the fast path: the LoRA products run in fp32, as PEFT's
+    do, so A's and B's gradients are fp32-exact given the half-precision input and upstream gradient; the output and
+    x's gradient are the base's dtype, off the float64 values by that dtype's rounding alone."""
+    x, W, b, A, B = _tensors(torch.float32, n_in=64, n_out=48, r=8, lead=(4, 16))
+    x, W, b = x.detach().to(half).requires_grad_(), W.to(half), b.detach().to(half).requires_grad_()
+    layer = LinearLora(nn.Linear(64, 48).to(half).requires_grad_(False))
+    layer.base_layer.weight.data, layer.base_layer.bias.data = W, b.detach()
+    layer.add_adapter("a", r=8, lora_alpha=8, dropout=p, use_rslora=False, init=False)
+    ad = layer.train().adapters["a"]
+    assert ad.lora_A.dtype == torch.float32 and layer._fast_adapter(x, (), {}) is ad
+    out = layer(x)
+    assert out.dtype == half and len(record_masks) == (1 if p else 0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(half)
+    gx, gA, gB = torch.autograd.grad(out, [x, ad.lora_A, ad.lora_B], g)
+    assert gx.dtype == half and gA.dtype == gB.dtype == torch.float32
+    f64 = [t.detach().double().requires_grad_() for t in (x, ad.lora_A, ad.lora_B)]
+    ref = _reference(f64[0], W.double(), b.detach().double(), f64[1], f64[2], ad.scaling,
+                     record_masks[0] if p else None, p)
+    rx, rA, rB = torch.autograd.grad(ref, f64, g.double())
+    eps = torch.finfo(half).eps
+    assert rel_err(out, ref) <= eps and rel_err(gx, rx) <= eps
+    assert rel_err(gA, rA) <= 1e-5 and rel_err(gB, rB) <= 1e-5
+    with fused.enabled(False):  # the general path (PEFT's arithmetic) is no closer to float64
+        slow = layer(x)
+    assert rel_err(out, ref) <= 2 * rel_err(slow, ref) + eps / 8
+
+
 def test_eval_and_no_grad_use_no_dropout_and_match(record_masks):
     x, W, b, A, B = _tensors(torch.float64)
     ref = _reference(x, W, b, A, B, 0.5)
@@ -295,6 +325,9 @@ def test_fallbacks_give_the_general_path():
     torch.testing.assert_close(layer(x), layer.base_layer(x))
     layer.disabled = False
     assert layer._fast_adapter(x.float(), (), {}) is None  # dtype mismatch: general path casts
+    layer.adapters["a"].lora_B.data = layer.adapters["a"].lora_B.data.float()
+    assert layer._fast_adapter(x, (), {}) is None  # A and B of different dtypes: general path
+    layer.adapters["a"].lora_B.data = layer.adapters["a"].lora_B.data.double()
     layer.base_layer.weight.requires_grad_(True)  # a trainable base weight needs its gradient
     assert layer._fast_adapter(x, (), {}) is None
     with fused.enabled(False):

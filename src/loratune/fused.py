@@ -156,13 +156,16 @@ def _forward(x2, xd, weight, bias, A, B, s):
 
     The thin LoRA product is computed first and the base product adds it as it writes its output, instead of a
     second full pass over the output. The scalar goes on the tokens × r factor, where it costs nothing and makes
-    B's gradient simply gᵀ·us."""
-    us = gemm.linear(xd, A).mul_(s)
-    return gemm.linear(x2, weight, bias, other=gemm.linear(us, B)), us
+    B's gradient simply gᵀ·us. On a half-precision base with fp32 adapters (loratune's and PEFT's default) the LoRA
+    products run in fp32, as PEFT's do: x⊙m is upcast, and the term is rounded once, into the base's output."""
+    us = gemm.linear(xd.to(A.dtype), A).mul_(s)  # .to is a no-op when the dtypes agree
+    return gemm.linear(x2, weight, bias, other=gemm.linear(us, B).to(x2.dtype)), us
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a dropout draw or None. ``s`` includes 1/(1-p)."""
+    """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a dropout draw or None. ``s`` includes 1/(1-p).
+
+    x, W, b share one dtype, and so do A, B; the adapters' may be fp32 on a half-precision base (``_forward``)."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, A, B, s, draw, save_x):
@@ -182,20 +185,21 @@ class LoraLinearFunction(torch.autograd.Function):
         xd, weight, A, B, us, mask = ctx.saved_tensors
         s, draw = ctx.s, ctx.draw
         g = g.contiguous()
+        ga = g.to(A.dtype)  # the LoRA products in the adapters' precision (a no-op unless the base is half)
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_A = grad_B = None
-        gu = gemm.linear(g, B.t()).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
+        gu = gemm.linear(ga, B.t()).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
         if need_x:
             lora_gx = gemm.linear(gu, A.t())  # tokens × in through the rank-r bottleneck, not an out × in matrix
             if draw is not None:
                 draw.apply(lora_gx, lora_gx, mask)  # in place: no second tokens × in buffer
-            grad_x = gemm.linear(g, weight.t(), other=lora_gx)  # + g·W: the base's input gradient
+            grad_x = gemm.linear(g, weight.t(), other=lora_gx.to(g.dtype))  # + g·W: the base's input gradient
         if need_A:
             if ctx.rebuild:  # saved x: x⊙m again, the same bits from the draw's seed (or its saved mask)
                 xd = draw.apply(xd, mask=mask)
-            grad_A = gemm.linear(gu.t(), xd.t())
+            grad_A = gemm.linear(gu.t(), xd.to(A.dtype).t())
         if need_B:  # torch.mm, not gemm.linear: oneDNN ran this reduction over tokens 2.5-4× slower than MKL
-            grad_B = g.t().mm(us)
+            grad_B = ga.t().mm(us)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None

@@ -21,6 +21,13 @@ from . import fused
 from .errors import LoraTuneError
 
 BASE = "__base__"  # name of "no adapter" in per-row adapter selection, as in PEFT
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _fused_dtypes(base: torch.dtype, adapter: torch.dtype) -> bool:
+    """Whether the fused path runs a base of dtype ``base`` with adapters of ``adapter``: the same dtype, or fp32
+    adapters on a half-precision base (the default, see ``add_adapter``)."""
+    return adapter == base or (adapter == torch.float32 and base in _HALF)
 
 
 class LoraAdapter(nn.Module):
@@ -85,7 +92,7 @@ class LoraLayer(nn.Module):
                     init: bool | str) -> None:
         w = self.weight
         # fp16/bf16 bases get fp32 adapters, as PEFT does: tiny updates vanish in half precision.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point() \
+        dtype = torch.float32 if w.dtype in _HALF or not w.is_floating_point() \
             else w.dtype
         ad = LoraAdapter(*self.adapter_shapes(r), r, lora_alpha, dropout, use_rslora, dtype, w.device)
         self.reset_adapter(ad, init)
@@ -184,7 +191,8 @@ class LinearLora(LoraLayer):
             return None
         ad = self.adapters[self.active[0]]
         w = self.weight
-        if w.requires_grad or not (x.dtype == w.dtype == ad.lora_A.dtype) or not 0 <= ad.dropout < 1:
+        if w.requires_grad or x.dtype != w.dtype or ad.lora_B.dtype != ad.lora_A.dtype \
+                or not _fused_dtypes(w.dtype, ad.lora_A.dtype) or not 0 <= ad.dropout < 1:
             return None
         if torch.is_autocast_enabled(x.device.type) or x.device != w.device or x.dim() < 1:
             return None
