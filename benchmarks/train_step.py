@@ -28,6 +28,14 @@ once.
     python benchmarks/train_step.py              # timings at 4×128, memory at 8×512 (about 12 minutes on 2 cores)
     python benchmarks/train_step.py --json out.json --repeats 9
     python benchmarks/train_step.py --no-train --no-inference --mem-batch 0 --attribution   # where the time goes
+
+On a GPU (``--device cuda --dtype bfloat16``) the same steps are timed between synchronizations, each timing the
+mean of ``--inner`` steps; peak memory is torch's allocator peak over the step; the routes do not apply (they
+are CPU matrix libraries) and only floor, floor_chunked, loratune and PEFT run. ``--random-weights`` builds the
+model from its config.json alone with random weights, for a machine where the bundled weights cannot go (the
+times do not depend on the weights' values).
+
+    python benchmarks/train_step.py --device cuda --dtype bfloat16 --model DIR --random-weights --inner 10
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import time
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIGS = {
     "all-linear r16 dropout0.05": dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
     "all-linear r16 dropout0": dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
@@ -50,10 +59,21 @@ CONFIGS = {
 }
 
 
-def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     return input_ids, torch.ones_like(input_ids), input_ids.clone()
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so that a host clock reads the work's time (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def routes_apply(args) -> bool:
+    """Whether loratune's products can take either CPU route (gemm.py): on CPU only."""
+    return torch.device(args.device).type == "cpu"
 
 
 # --- the three steps -------------------------------------------------------------------------------------------
@@ -162,15 +182,31 @@ def zero_grads(model):
 
 
 # --- models ----------------------------------------------------------------------------------------------------
-def base_models(n: int) -> list:
-    """n copies of the bundled model that share one copy of the weights (the first is frozen as the floor).
+def load_model(args):
+    """The model to measure, in ``args.dtype`` on ``args.device``: ``args.model`` (a bundled name or an HF folder)
+    as loratune loads it, or with ``--random-weights`` that model's architecture from its config.json with random
+    weights."""
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from loratune.base_models import resolve_model_path
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(args.model)))
+    else:
+        from loratune import load_base_model
+
+        model = load_base_model(args.model)[0]
+    return model.to(device=args.device, dtype=DTYPES[args.dtype])
+
+
+def base_models(n: int, args=None) -> list:
+    """n copies of the model (``load_model``) that share one copy of the weights (the first is frozen as the floor).
 
     Sharing is for the measurement: each model's weights land elsewhere in memory, and that alone moved the same
     frozen step by up to 15 % between fresh copies (cache and TLB placement), more than the effects measured
     here. On one copy of the weights, a ratio compares only what the contestants do with them."""
-    from loratune import load_base_model
-
-    models = [load_base_model()[0] for _ in range(n)]
+    models = [load_model(args or parse_args([])) for _ in range(n)]
     for m in models[1:]:
         for (name, p), (other, q) in zip(models[0].named_parameters(), m.named_parameters(), strict=True):
             assert name == other, (name, other)
@@ -179,7 +215,7 @@ def base_models(n: int) -> list:
     return models
 
 
-def build_models(cfg: dict, routed_floor: bool = False):
+def build_models(cfg: dict, args, routed_floor: bool = False):
     """(frozen base, loratune model, PEFT model) with identical, non-trivial adapter weights, on shared base
     weights; with ``routed_floor``, also the frozen base on loratune's kernels (``route_frozen_linears``)."""
     import peft
@@ -187,11 +223,11 @@ def build_models(cfg: dict, routed_floor: bool = False):
     from loratune import LoraConfig, get_lora_model
     from loratune.io import adapter_tensors
 
-    base, lt_base, peft_base, *rest = base_models(4 if routed_floor else 3)
+    base, lt_base, peft_base, *rest = base_models(4 if routed_floor else 3, args)
     torch.manual_seed(0)
     lt = get_lora_model(lt_base, LoraConfig(**cfg, init_lora_weights=False))
     pcfg = peft.LoraConfig(**{k: v for k, v in cfg.items()}, task_type="CAUSAL_LM")
-    pm = peft.get_peft_model(peft_base, pcfg)
+    pm = peft.get_peft_model(peft_base, pcfg)  # fp32 adapters on a half base, as loratune's (PEFT's autocast)
     weights = {k: v.detach().clone() for k, v in adapter_tensors(lt, "default").items()}
     result = peft.set_peft_model_state_dict(pm, weights)
     assert not result.unexpected_keys, result.unexpected_keys
@@ -203,25 +239,67 @@ def build_models(cfg: dict, routed_floor: bool = False):
     return base, lt, pm
 
 
-def check_same_function(lt, pm, batch) -> float:
-    """|loss_loratune - loss_PEFT| without dropout: the same adapters must give the same loss."""
+def _adapter_grads(lt, pm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The A/B gradients of loratune's model and of PEFT's, in the same order (PEFT file keys)."""
+    from loratune.io import adapter_tensors
+
+    peft_params = dict(pm.named_parameters())
+    ours, theirs = [], []
+    for key, p in adapter_tensors(lt, "default").items():  # PEFT file key -> loratune's live parameter
+        ours.append(p.grad.double())
+        theirs.append(peft_params[key.replace(".lora_A.weight", ".lora_A.default.weight")
+                                  .replace(".lora_B.weight", ".lora_B.default.weight")].grad.double())
+    return ours, theirs
+
+
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [((x - y).norm() / y.norm()).item() for x, y in zip(a, b)]
+
+
+def check_same_function(lt, pm, batch) -> dict:
+    """Without dropout (eval mode) the same adapters must give the same loss and the same gradients of A and B:
+    |loss_loratune - loss_PEFT| and the largest ‖grad_loratune - grad_PEFT‖ / ‖grad_PEFT‖ over the adapters'
+    tensors. In fp32 the two differ in rounding only. On a half-precision base each rounds differently, and the
+    difference compounds over the layers, so there both are also compared with the same models upcast to fp32 (the
+    same weight values): the median and largest error of each against that reference."""
+    import copy
+
     from loratune.losses import causal_lm_loss
 
-    lt.eval(), pm.eval()
-    with torch.no_grad():
-        a = causal_lm_loss(lt, *batch).item()
-        b = pm(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss.item()
-    lt.train(), pm.train()
-    return abs(a - b)
+    def run(lt, pm):
+        lt.eval(), pm.eval()
+        a = causal_lm_loss(lt, *batch)
+        b = pm(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
+        a.backward(), b.backward()
+        grads = _adapter_grads(lt, pm)
+        zero_grads(lt), zero_grads(pm)
+        lt.train(), pm.train()
+        return a.item(), b.item(), grads
+
+    a, b, (ours, theirs) = run(lt, pm)
+    out = {"loss_diff": abs(a - b), "grad_rel_diff": max(_rel(ours, theirs))}
+    if next(lt.parameters()).dtype in (torch.float16, torch.bfloat16):
+        ref_a, _, (ref, _) = run(copy.deepcopy(lt).float(), copy.deepcopy(pm).float())
+        for who, loss, grads in (("loratune", a, ours), ("peft", b, theirs)):
+            errs = _rel(grads, ref)
+            out[f"{who}_vs_fp32"] = {"loss_diff": abs(loss - ref_a), "grad_rel_err_median": statistics.median(errs),
+                                     "grad_rel_err_max": max(errs)}
+    return out
 
 
 # --- measurements ----------------------------------------------------------------------------------------------
-def timed(step, model, batch) -> float:
-    start = time.perf_counter()
-    step(model, batch)
-    elapsed = time.perf_counter() - start
-    zero_grads(model)
-    return elapsed
+def timed(step, model, batch, device: str = "cpu", inner: int = 1) -> float:
+    """Seconds per step: the mean of ``inner`` steps, between synchronizations (on a GPU a step is milliseconds of
+    queued kernels)."""
+    total = 0.0
+    for _ in range(inner):
+        sync(device)
+        start = time.perf_counter()
+        step(model, batch)
+        sync(device)
+        total += time.perf_counter() - start
+        zero_grads(model)
+    return total / inner
 
 
 _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
@@ -253,13 +331,22 @@ def _status_kb(field: str) -> int:
 
 
 def peak_step_memory_mb(step, model, batch) -> float | None:
-    """The growth of the resident set during one step, in MiB (Linux only)."""
-    if _libc is None:
-        return None
+    """The growth of the resident set during one step, in MiB (Linux only); on a GPU, of torch's allocated memory."""
     from loratune import fused
 
     fused.clear_mask_cache()  # (loratune keeps the last input's x⊙mask until the next step)
     gc.collect()
+    if batch[0].device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(model, batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        zero_grads(model)
+        return (peak - before) / 2**20
+    if _libc is None:
+        return None
     _libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -271,46 +358,44 @@ def peak_step_memory_mb(step, model, batch) -> float | None:
 
 
 def bench_config(name: str, cfg: dict, args) -> dict:
-    base, lt, pm, routed = build_models(cfg, routed_floor=True)
+    routes = routes_apply(args)
+    base, lt, pm, *routed = build_models(cfg, args, routed_floor=routes)
     vocab = base.config.vocab_size
-    small = make_batch(args.batch, args.seq, vocab)
-    diff = check_same_function(lt, pm, small)
+    small = make_batch(args.batch, args.seq, vocab, device=args.device)
+    same = check_same_function(lt, pm, small)
     steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
-             "floor_onednn": (on_route(floor_chunked_step, "onednn"), routed), "loratune": (loratune_step, lt),
-             f"loratune_{other_route()}": (on_route(loratune_step, other_route()), lt), "peft": (peft_step, pm)}
+             "loratune": (loratune_step, lt), "peft": (peft_step, pm)}
+    if routes:
+        steps["floor_onednn"] = (on_route(floor_chunked_step, "onednn"), routed[0])
+        steps[f"loratune_{other_route()}"] = (on_route(loratune_step, other_route()), lt)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
-        timed(step, model, small)
+        timed(step, model, small, args.device, args.inner)
     for i in range(args.repeats):
         order = list(steps) if i % 2 == 0 else list(reversed(steps))  # interleaved, alternating order
         for k in order:
-            times[k].append(timed(steps[k][0], steps[k][1], small))
-    times[f"loratune_{default_route()}"] = times["loratune"]  # the default route is loratune itself
+            times[k].append(timed(steps[k][0], steps[k][1], small, args.device, args.inner))
+    if routes:
+        times[f"loratune_{default_route()}"] = times["loratune"]  # the default route is loratune itself
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def ratio(a: str, b: str) -> float:
         return paired_ratio(times[a], times[b])
 
+    pairs = [("loratune", "floor"), ("loratune", "peft"), ("loratune", "floor_chunked"), ("peft", "floor")]
+    if routes:
+        pairs += [("loratune_onednn", "floor_onednn"), ("loratune_mkl", "floor_chunked"),
+                  ("loratune_onednn", "floor"), ("loratune_onednn", "peft"), ("loratune_mkl", "floor"),
+                  ("loratune_mkl", "peft"), ("floor_onednn", "floor_chunked")]
+    spread = [("loratune", "floor"), ("loratune", "peft")] + ([("loratune_onednn", "floor_onednn")] if routes else [])
     out = {
-        "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": diff,
-        "default_route": default_route(), "median_s": med, "all_s": times,
-        "loratune_over_floor": ratio("loratune", "floor"), "loratune_over_peft": ratio("loratune", "peft"),
-        "loratune_over_floor_chunked": ratio("loratune", "floor_chunked"),
-        "loratune_onednn_over_floor_onednn": ratio("loratune_onednn", "floor_onednn"),
-        "loratune_mkl_over_floor_chunked": ratio("loratune_mkl", "floor_chunked"),
-        "loratune_onednn_over_floor": ratio("loratune_onednn", "floor"),
-        "loratune_onednn_over_peft": ratio("loratune_onednn", "peft"),
-        "loratune_mkl_over_floor": ratio("loratune_mkl", "floor"),
-        "loratune_mkl_over_peft": ratio("loratune_mkl", "peft"),
-        "floor_onednn_over_floor_chunked": ratio("floor_onednn", "floor_chunked"),
-        "peft_over_floor": ratio("peft", "floor"),
-        "quartiles": {"loratune_over_floor": ratio_spread(times["loratune"], times["floor"]),
-                      "loratune_over_peft": ratio_spread(times["loratune"], times["peft"]),
-                      "loratune_onednn_over_floor_onednn": ratio_spread(times["loratune_onednn"],
-                                                                        times["floor_onednn"])},
-        "ratio_of_medians": {"loratune_over_floor": med["loratune"] / med["floor"],
-                             "loratune_over_peft": med["loratune"] / med["peft"],
-                             "peft_over_floor": med["peft"] / med["floor"]},
+        "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": same["loss_diff"],
+        "grad_rel_diff_vs_peft": same["grad_rel_diff"],
+        **{f"{k}_vs_fp32": same[f"{k}_vs_fp32"] for k in ("loratune", "peft") if f"{k}_vs_fp32" in same},
+        "default_route": default_route() if routes else None,
+        "median_s": med, "all_s": times, **{f"{a}_over_{b}": ratio(a, b) for a, b in pairs},
+        "quartiles": {f"{a}_over_{b}": ratio_spread(times[a], times[b]) for a, b in spread},
+        "ratio_of_medians": {f"{a}_over_{b}": med[a] / med[b] for a, b in pairs[:2] + pairs[3:4]},
     }
     del base, lt, pm, routed
     gc.collect()
@@ -319,8 +404,8 @@ def bench_config(name: str, cfg: dict, args) -> dict:
 
 def memory_config(cfg: dict, args, with_floor: bool) -> dict:
     """Peak step memory of (floor,) loratune and PEFT at the large batch (run after all timings: see main)."""
-    base, lt, pm = build_models(cfg)
-    big = make_batch(args.mem_batch, args.mem_seq, base.config.vocab_size)
+    base, lt, pm = build_models(cfg, args)
+    big = make_batch(args.mem_batch, args.mem_seq, base.config.vocab_size, device=args.device)
     steps = {"loratune": (loratune_step, lt), "peft": (peft_step, pm)}
     if with_floor:  # the floor does not depend on the LoRA config
         steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base), **steps}
@@ -332,15 +417,20 @@ def memory_config(cfg: dict, args, with_floor: bool) -> dict:
 
 def bench_inference(cfg: dict, args) -> dict:
     """No-grad eval forward (logits) at the timing batch: base vs one unmerged adapter vs merged, medians."""
-    base, lt, _ = build_models(cfg)
+    base, lt, _ = build_models(cfg, args)
     base.eval(), lt.eval()
-    input_ids, mask, _ = make_batch(args.batch, args.seq, base.config.vocab_size)
+    input_ids, mask, _ = make_batch(args.batch, args.seq, base.config.vocab_size, device=args.device)
 
     def fwd(model):
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=mask)
-        return time.perf_counter() - start
+        total = 0.0
+        for _ in range(args.inner):
+            sync(args.device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=input_ids, attention_mask=mask)
+            sync(args.device)
+            total += time.perf_counter() - start
+        return total / args.inner
 
     def merged():
         lt.merge_adapter()  # merge/unmerge are outside the timed forward
@@ -349,21 +439,24 @@ def bench_inference(cfg: dict, args) -> dict:
         finally:
             lt.unmerge_adapter()
 
-    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt),
-            f"unmerged_{other_route()}": on_route(lambda: fwd(lt), other_route()), "merged": merged}
+    routes = routes_apply(args)
+    runs = {"base": lambda: fwd(base), "unmerged": lambda: fwd(lt), "merged": merged}
+    if routes:
+        runs[f"unmerged_{other_route()}"] = on_route(lambda: fwd(lt), other_route())
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
         run()
     for i in range(max(args.repeats, 1) * 2):
         for k in list(runs) if i % 2 == 0 else list(reversed(runs)):
             times[k].append(runs[k]())
-    times[f"unmerged_{default_route()}"] = times["unmerged"]
+    if routes:
+        times[f"unmerged_{default_route()}"] = times["unmerged"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "all_s": times, "default_route": default_route(),
+    by_route = [f"unmerged_{r}" for r in ("onednn", "mkl")] if routes else []
+    return {"median_s": med, "all_s": times, "default_route": default_route() if routes else None,
             "unmerged_over_base": paired_ratio(times["unmerged"], times["base"]),
             "merged_over_base": paired_ratio(times["merged"], times["base"]),
-            "unmerged_onednn_over_base": paired_ratio(times["unmerged_onednn"], times["base"]),
-            "unmerged_mkl_over_base": paired_ratio(times["unmerged_mkl"], times["base"]),
+            **{f"{k}_over_base": paired_ratio(times[k], times["base"]) for k in by_route},
             "quartiles": {"unmerged_over_base": ratio_spread(times["unmerged"], times["base"]),
                           "merged_over_base": ratio_spread(times["merged"], times["base"])}}
 
@@ -374,7 +467,7 @@ def bench_attribution(args) -> dict:
     from per-module costs that do not depend on r; dropout 0 vs 0.05 gives the cost of dropout."""
     from loratune import LoraConfig, get_lora_model
 
-    base, *copies = base_models(5)
+    base, *copies = base_models(5, args)
     steps = {"floor_chunked": (floor_chunked_step, base)}
     for r in (1, 16):
         for p in (0.0, 0.05):
@@ -382,53 +475,61 @@ def bench_attribution(args) -> dict:
             lt = get_lora_model(copies.pop(), LoraConfig(r=r, lora_alpha=32, lora_dropout=p,
                                                          target_modules="all-linear", init_lora_weights=False))
             steps[f"r{r} dropout{p}"] = (loratune_step, lt.train())
-    batch = make_batch(args.batch, args.seq, base.config.vocab_size)
+    batch = make_batch(args.batch, args.seq, base.config.vocab_size, device=args.device)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
-        timed(step, model, batch)
+        timed(step, model, batch, args.device, args.inner)
     for i in range(args.repeats):
         for k in list(steps) if i % 2 == 0 else list(reversed(steps)):
-            times[k].append(timed(*steps[k], batch))
+            times[k].append(timed(*steps[k], batch, args.device, args.inner))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med,
             "over_floor_chunked": {k: paired_ratio(v, times["floor_chunked"]) for k, v in times.items()}}
 
 
 def print_table(results: list[dict]) -> None:
-    """The medians and ratios per config; 'dnn' is loratune with the routing on, 'mkl' with it off."""
-    cols = [("floor s", lambda r: r["median_s"]["floor"]), ("fl_chk s", lambda r: r["median_s"]["floor_chunked"]),
-            ("fl_dnn s", lambda r: r["median_s"]["floor_onednn"]), ("lt s", lambda r: r["median_s"]["loratune"]),
-            ("peft s", lambda r: r["median_s"]["peft"]), ("lt/floor", lambda r: r["loratune_over_floor"]),
-            ("lt/peft", lambda r: r["loratune_over_peft"]), ("dnn/fl", lambda r: r["loratune_onednn_over_floor"]),
-            ("dnn/peft", lambda r: r["loratune_onednn_over_peft"]), ("mkl/fl", lambda r: r["loratune_mkl_over_floor"]),
-            ("mkl/peft", lambda r: r["loratune_mkl_over_peft"]),
-            ("dnn/fl_dnn", lambda r: r["loratune_onednn_over_floor_onednn"]),
-            ("mkl/fl_chk", lambda r: r["loratune_mkl_over_floor_chunked"]),
-            ("fl_dnn/fl_chk", lambda r: r["floor_onednn_over_floor_chunked"]),
-            ("peft/fl", lambda r: r["peft_over_floor"])]
-    print(f"\nloratune's products by default on: {results[0]['default_route']} (gemm.py)")
-    print(f"{'config':28s} " + " ".join(f"{h:>{max(len(h), 6)}s}" for h, _ in cols)
-          + f" | peak MiB @{results[0].get('memory_tokens', '-')}: floor / floor_chunked / loratune / peft")
+    """The medians (ms) and ratios per config; 'dnn' is loratune with the routing on, 'mkl' with it off (CPU only:
+    a column whose contestant did not run is left out)."""
+    cols = [("floor ms", "floor"), ("fl_chk ms", "floor_chunked"), ("fl_dnn ms", "floor_onednn"),
+            ("lt ms", "loratune"), ("peft ms", "peft")]
+    ratios = [("lt/floor", "loratune_over_floor"), ("lt/peft", "loratune_over_peft"),
+              ("dnn/fl", "loratune_onednn_over_floor"), ("dnn/peft", "loratune_onednn_over_peft"),
+              ("mkl/fl", "loratune_mkl_over_floor"), ("mkl/peft", "loratune_mkl_over_peft"),
+              ("dnn/fl_dnn", "loratune_onednn_over_floor_onednn"), ("mkl/fl_chk", "loratune_mkl_over_floor_chunked"),
+              ("fl_dnn/fl_chk", "floor_onednn_over_floor_chunked"), ("peft/fl", "peft_over_floor")]
+    first = results[0]
+    shown = [(h, lambda r, k=k: 1e3 * r["median_s"][k]) for h, k in cols if k in first["median_s"]]
+    shown += [(h, lambda r, k=k: r[k]) for h, k in ratios if k in first]
+    if first["default_route"]:
+        print(f"\nloratune's products by default on: {first['default_route']} (gemm.py)")
+    print(f"{'config':28s} " + " ".join(f"{h:>{max(len(h), 6)}s}" for h, _ in shown)
+          + f" | peak MiB @{first.get('memory_tokens', '-')}: floor / floor_chunked / loratune / peft")
     for r in results:
         mem = r.get("peak_mb")
         mem_s = " / ".join(f"{mem[k]:.0f}" for k in ("floor", "floor_chunked", "loratune", "peft")) if mem else "-"
-        print(f"{r['config']:28s} " + " ".join(f"{f(r):>{max(len(h), 6)}.3f}" for h, f in cols) + f" | {mem_s}")
+        print(f"{r['config']:28s} " + " ".join(f"{f(r):>{max(len(h), 6)}.3f}" for h, f in shown) + f" | {mem_s}")
     print("quartiles of the per-repeat ratios (this machine's spread): "
-          + "; ".join(f"{r['config']}: lt/floor {q['loratune_over_floor'][0]:.3f}-{q['loratune_over_floor'][1]:.3f}, "
-                      f"lt/peft {q['loratune_over_peft'][0]:.3f}-{q['loratune_over_peft'][1]:.3f}, "
-                      f"dnn/fl_dnn {q['loratune_onednn_over_floor_onednn'][0]:.3f}-"
-                      f"{q['loratune_onednn_over_floor_onednn'][1]:.3f}"
-                      for r in results for q in [r["quartiles"]]))
+          + "; ".join(f"{r['config']}: " + ", ".join(f"{k.replace('_over_', '/')} {lo:.3f}-{hi:.3f}"
+                                                      for k, (lo, hi) in r["quartiles"].items())
+                      for r in results))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked (one-line errors before any model loads)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--mem-batch", type=int, default=8, help="batch for the peak-memory step (0: skip)")
     ap.add_argument("--mem-seq", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] on a GPU")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's dtype (adapters: fp32)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a bundled model's name or an HF folder")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="the model's architecture from its config.json with random weights (see above)")
+    ap.add_argument("--inner", type=int, default=None,
+                    help="steps per timing, their mean (default: 1 on CPU, 10 on a GPU)")
     ap.add_argument("--malloc", choices=["default", "retain"], default="default",
                     help="default: glibc as it comes; retain: glibc keeps freed memory for reuse (for every "
                          "contestant), the allocator sensitivity check")
@@ -446,6 +547,22 @@ def main(argv=None) -> int:
         ap.error("--repeats must be at least 1 (medians need a timing)")
     if args.json and args.json != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         ap.error(f"--json {args.json}: its directory does not exist (create it first; checked now, not after the run)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a device name (use cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    if args.inner is None:
+        args.inner = 1 if device.type == "cpu" else 10
+    if args.inner < 1:
+        ap.error("--inner must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.malloc == "retain":
         retain_freed_memory()
@@ -453,12 +570,20 @@ def main(argv=None) -> int:
     for name in args.configs if args.train else []:
         r = bench_config(name, CONFIGS[name], args)
         results.append(r)
-        print(f"{name}: floor {r['median_s']['floor']:.3f}s loratune {r['median_s']['loratune']:.3f}s "
-              f"peft {r['median_s']['peft']:.3f}s  loratune/floor {r['loratune_over_floor']:.3f} "
-              f"loratune/peft {r['loratune_over_peft']:.3f}  (loss diff vs PEFT {r['loss_diff_vs_peft']:.1e})",
+        m = {k: 1e3 * v for k, v in r["median_s"].items()}
+        print(f"{name}: floor {m['floor']:.1f} ms loratune {m['loratune']:.1f} ms peft {m['peft']:.1f} ms  "
+              f"loratune/floor {r['loratune_over_floor']:.3f} "
+              f"loratune/peft {r['loratune_over_peft']:.3f}  (vs PEFT without dropout: loss diff "
+              f"{r['loss_diff_vs_peft']:.1e}, A/B gradients' largest relative diff {r['grad_rel_diff_vs_peft']:.1e})",
               flush=True)
+        for who in ("loratune", "peft"):
+            if f"{who}_vs_fp32" in r:
+                e = r[f"{who}_vs_fp32"]
+                print(f"  {who} against the fp32 model: loss diff {e['loss_diff']:.1e}, A/B gradients' relative "
+                      f"error median {e['grad_rel_err_median']:.1e}, largest {e['grad_rel_err_max']:.1e}", flush=True)
     if args.mem_batch:
-        exact_rss_accounting()  # after the timings: returning memory at once makes every allocation slower
+        if device.type == "cpu":
+            exact_rss_accounting()  # after the timings: returning memory at once makes every allocation slower
         floor = {}
         for r in results:
             r["memory_tokens"] = f"{args.mem_batch}x{args.mem_seq}"
@@ -470,19 +595,24 @@ def main(argv=None) -> int:
     inference = {}
     for name in args.configs if args.inference else []:
         inference[name] = r = bench_inference(CONFIGS[name], args)
-        m = r["median_s"]
-        print(f"inference {name}: base {m['base']:.3f}s unmerged {m['unmerged']:.3f}s merged {m['merged']:.3f}s "
+        m = {k: 1e3 * v for k, v in r["median_s"].items()}
+        print(f"inference {name}: base {m['base']:.1f} ms unmerged {m['unmerged']:.1f} ms merged {m['merged']:.1f} ms "
               f"unmerged/base {r['unmerged_over_base']:.3f} merged/base {r['merged_over_base']:.3f} (quartiles "
               f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['unmerged_over_base'])} and "
-              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])}); by route (default "
-              f"{r['default_route']}): unmerged on oneDNN /base {r['unmerged_onednn_over_base']:.3f}, on MKL /base "
-              f"{r['unmerged_mkl_over_base']:.3f}", flush=True)
+              f"{'-'.join(f'{v:.3f}' for v in r['quartiles']['merged_over_base'])})"
+              + (f"; by route (default {r['default_route']}): unmerged on oneDNN /base "
+                 f"{r['unmerged_onednn_over_base']:.3f}, on MKL /base {r['unmerged_mkl_over_base']:.3f}"
+                 if r["default_route"] else ""), flush=True)
     attribution = bench_attribution(args) if args.attribution else {}
     for k, v in attribution.get("over_floor_chunked", {}).items():
-        print(f"attribution {k:18s} {attribution['median_s'][k]:.3f}s  /floor_chunked {v:.3f}", flush=True)
+        print(f"attribution {k:18s} {1e3 * attribution['median_s'][k]:.1f} ms  /floor_chunked {v:.3f}", flush=True)
     if args.json:
         text = json.dumps({"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "default_route": default_route(), "threads": args.threads, "malloc": args.malloc,
+                           "device": args.device, "gpu": torch.cuda.get_device_name(device)
+                           if device.type == "cuda" else None, "dtype": args.dtype, "model": args.model,
+                           "random_weights": args.random_weights, "inner": args.inner,
+                           "default_route": default_route() if device.type == "cpu" else None,
+                           "threads": args.threads, "malloc": args.malloc,
                            "repeats": args.repeats, "results": results,
                            "inference": inference, "attribution": attribution}, indent=2)
         if args.json == "-":

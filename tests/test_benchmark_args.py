@@ -18,6 +18,9 @@ _spec.loader.exec_module(train_step)
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--json", "/nonexistent-dir/out.json"], "its directory does not exist"),
     (["--malloc", "fast"], "invalid choice: 'fast'"),
+    (["--device", "nope"], "--device nope: not a device name"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--inner", "0"], "--inner must be at least 1"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(train_step, "bench_config", lambda *a: pytest.fail("ran a benchmark"))
@@ -78,3 +81,59 @@ def test_on_route_runs_on_the_named_library_and_restores_the_default():
     assert seen == {"onednn": gemm.onednn_available(), "mkl": False}
     assert gemm.routing_on() is before
     assert {train_step.default_route(), train_step.other_route()} == {"onednn", "mkl"}
+
+
+def test_a_gpu_that_is_not_there_is_a_one_line_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        train_step.main(["--device", "cuda"])
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype, grad_tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_a_whole_run_on_a_tiny_random_model(dtype, grad_tol, tmp_path, capsys):
+    """The benchmark end to end (--model DIR --random-weights, as on a GPU machine, here on the CPU): every
+    contestant runs, loratune's A/B gradients equal PEFT's without dropout, and the JSON says what ran."""
+    import json
+
+    from conftest import tiny_llama
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    out = tmp_path / "out.json"
+    argv = ["--model", str(tmp_path), "--random-weights", "--dtype", dtype, "--batch", "2", "--seq", "8",
+            "--repeats", "2", "--inner", "2", "--mem-batch", "2", "--mem-seq", "8", "--json", str(out),
+            "--configs", "all-linear r16 dropout0.05", "q,v r8 dropout0"]
+    assert train_step.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == dtype and report["random_weights"] and report["inner"] == 2
+    for r in report["results"]:
+        assert r["grad_rel_diff_vs_peft"] <= grad_tol and r["loss_diff_vs_peft"] <= 10 * grad_tol
+        if dtype == "float32":
+            assert "loratune_vs_fp32" not in r
+        else:  # both against the same models in fp32: loratune's rounding is no worse than PEFT's, give or take
+            ours, theirs = r["loratune_vs_fp32"], r["peft_vs_fp32"]
+            assert 0 < ours["grad_rel_err_max"] <= 3 * theirs["grad_rel_err_max"] <= 0.3
+        assert {"floor", "floor_chunked", "floor_onednn", "loratune", "peft"} <= set(r["median_s"])
+        assert all(len(v) == 2 and min(v) > 0 for v in r["all_s"].values())
+        assert set(r["peak_mb"]) == {"floor", "floor_chunked", "loratune", "peft"}
+    assert set(report["inference"]) == {"all-linear r16 dropout0.05", "q,v r8 dropout0"}
+    assert "lt/floor" in capsys.readouterr().out
+
+
+def test_the_device_check_compares_with_float64():
+    """benchmarks/check_fused_device.py (run on a GPU machine) computes real errors: small where the arithmetic is
+    right, large where it is not."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "check_fused_device", Path(__file__).resolve().parents[1] / "benchmarks" / "check_fused_device.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    small = dict(tokens=64, n_in=32, n_out=48, r=4)
+    fp32 = check.check("cpu", torch.float32, 0.05, seed=0, **small)
+    bf16 = check.check("cpu", torch.bfloat16, 0.05, seed=0, **small)
+    assert max(fp32.values()) <= 1e-5 and max(bf16["grad_A"], bf16["grad_B"]) <= 1e-5
+    assert 1e-4 < bf16["out"] <= torch.finfo(torch.bfloat16).eps  # the output really is bf16
