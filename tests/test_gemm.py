@@ -41,15 +41,16 @@ LAYOUTS = {
 @pytest.mark.parametrize("route", [True, False], ids=["onednn", "torch"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("extras", ["plain", "bias", "other", "bias+other"])
-def test_linear_matches_float64(route, layout, extras):
+@pytest.mark.parametrize("scale", [1.0, -0.37])
+def test_linear_matches_float64(route, layout, extras, scale):
     x, w = LAYOUTS[layout]()
     bias = _rand(w.shape[0], seed=2) if "bias" in extras else None
     other = _rand(x.shape[0], w.shape[0], seed=3) if "other" in extras else None
-    want = x.double() @ w.double().t()
+    want = scale * (x.double() @ w.double().t())
     want = want + (bias.double() if bias is not None else 0) + (other.double() if other is not None else 0)
     with gemm.use_onednn(route):
         assert gemm.routed(x, w) is route
-        got = gemm.linear(x, w, bias, None if other is None else other.clone())
+        got = gemm.linear(x, w, bias, None if other is None else other.clone(), scale=scale)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert rel_err(got, want) <= 2e-6  # fp32 with fp32 accumulation, both routes
 

@@ -61,30 +61,30 @@ class Draw:
 
     On CPU a draw is a seed (``dropout.py``): the mask is a pure function of the seed and the element index, the
     kernel applies it while drawing it, and the backward rebuilds it, so no mask is ever saved. Elsewhere it is a
-    bool mask from torch's bernoulli, which the modules' nodes save.
+    bool drop mask from torch's bernoulli, which the modules' nodes save and apply with one ``where`` each.
     """
 
-    __slots__ = ("p", "seed", "mask", "__weakref__")
+    __slots__ = ("p", "seed", "drop", "__weakref__")
 
     def __init__(self, shape: torch.Size, p: float, device: torch.device):
         self.p = p
         self.seed = seeded.new_seed() if _seeded_masks(device) else None
-        self.mask = None if self.seed is not None else torch.empty(shape, dtype=torch.bool, device=device
-                                                                   ).bernoulli_(1 - p)
+        self.drop = None if self.seed is not None else torch.empty(shape, dtype=torch.bool, device=device
+                                                                   ).bernoulli_(p)
 
     def keep(self, shape: torch.Size) -> torch.Tensor:
         """The keep mask (bool) of an input of this shape; for checking against a reference."""
-        return seeded.keep_mask(shape, self.seed, self.p) if self.seed is not None else self.mask.view(shape)
+        return seeded.keep_mask(shape, self.seed, self.p) if self.seed is not None else ~self.drop.view(shape)
 
-    def apply(self, src: torch.Tensor, out: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    def apply(self, src: torch.Tensor, out: torch.Tensor | None = None, drop: torch.Tensor | None = None
               ) -> torch.Tensor:
-        """out = src ⊙ keep (``out`` may be ``src``; None: a new contiguous tensor); ``mask``: the saved (maybe
-        recomputed) mask, off CPU."""
-        if out is None:
-            out = torch.empty_like(src, memory_format=torch.contiguous_format)
+        """out = src ⊙ keep (``out`` may be ``src``; None: a new tensor); ``drop``: the saved drop mask, off CPU."""
         if self.seed is not None:
             return seeded.apply_mask(src, self.seed, self.p, out=out)
-        return seeded.multiply_by_mask(src, self.mask if mask is None else mask, out)
+        drop = (self.drop if drop is None else drop).view(src.shape)
+        if out is src:
+            return src.masked_fill_(drop, 0)
+        return torch.where(drop, 0, src) if out is None else torch.where(drop, 0, src, out=out)
 
 
 def _seeded_masks(device: torch.device) -> bool:
@@ -96,23 +96,31 @@ def new_draw(shape: torch.Size, p: float, device: torch.device) -> Draw:
     return Draw(shape, p, device)
 
 
-def _dropped_input(draw: Draw, x2: torch.Tensor) -> torch.Tensor:
-    """x2 ⊙ keep for ``draw``, computed once and shared by the siblings that read the same input.
+def _lora_input(entry: dict, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x2 ⊙ keep (x2 itself without dropout) in the adapters' ``dtype``, computed once and shared by the siblings
+    that read the same input.
 
-    The siblings' forward calls come one after another, so the first computes x⊙mask and the others find it in the
-    per-thread draw cache (``_shared_draw``), which holds it only until the next input's draw. The nodes save this
-    tensor instead of x (except for views, see LoraLinearFunction.forward): A's gradient needs x⊙mask, and nothing
-    in the backward needs x itself, so the backward does not rebuild it and the memory is that of saving x."""
-    c = getattr(_state, "mask_cache", None)
-    entry = c if c is not None and c["draw"] is draw else {}  # an older draw's input: computed, not cached
+    The siblings' forward calls come one after another, so the first computes it and the others find it in the
+    per-thread input cache (``_shared_input``), which holds it only until the next input. The nodes save this tensor
+    instead of x (except for views, see LoraLinearFunction.forward): A's gradient needs it, and nothing in the
+    backward needs x itself, so the backward does not rebuild it. On a half-precision base with fp32 adapters this
+    is the one upcast copy of x for all the siblings, made in the forward and not again in the backward."""
     xd = entry.get("xd")
-    if xd is None or xd.shape != x2.shape or xd.dtype != x2.dtype:
-        xd = entry["xd"] = draw.apply(x2)
+    if xd is None or xd.shape != x2.shape or xd.dtype != dtype:
+        draw = entry["draw"]
+        if x2.dtype == dtype:
+            xd = draw.apply(x2)  # (an entry with neither dropout nor a cast is never made)
+        else:
+            xd = x2.to(dtype, memory_format=torch.contiguous_format)
+            if draw is not None:
+                draw.apply(xd, out=xd)
+        entry["xd"] = xd
     return xd
 
 
-def _shared_draw(x: torch.Tensor, p: float, consumer: object) -> Draw:
-    """The dropout draw for the module ``consumer`` reading ``x``.
+def _shared_input(x: torch.Tensor, p: float, consumer: object) -> dict:
+    """The cache entry for the module ``consumer`` reading ``x``: its dropout draw (None without dropout) and, once
+    made, the dropped (and cast) input (``_lora_input``).
 
     Siblings (q/k/v, gate/up) receive the identical tensor object, so the first one draws and the others reuse the
     draw. The same module calling twice on the same tensor gets a new draw (dropout must not repeat itself), and an
@@ -123,30 +131,30 @@ def _shared_draw(x: torch.Tensor, p: float, consumer: object) -> Draw:
     key = (x._version, p, x.shape, x.dtype)
     if c is not None and c["x"]() is x and c["key"] == key and id(consumer) not in c["consumers"]:
         c["consumers"].add(id(consumer))
-        return c["draw"]
+        return c
     clear_mask_cache()
-    draw = new_draw(x.shape, p, x.device)
-    dref = weakref.ref(draw)
-
+    draw = new_draw(x.shape, p, x.device) if p > 0 else None
+    dref = None if draw is None else weakref.ref(draw)
     entry = {"key": key, "draw": draw, "consumers": {id(consumer)}}
 
-    def let_go(_, dref=dref):  # x died: no sibling can come for the draw; what the nodes saved is left to them
+    def let_go(_, dref=dref):  # x died: no sibling can come for the entry; what the nodes saved is left to them
         entry.pop("xd", None)
-        d = dref()
+        entry["draw"] = None
+        d = None if dref is None else dref()
         if d is not None:
-            d.mask = None
+            d.drop = None
 
     entry["x"] = weakref.ref(x, let_go)
     _state.mask_cache = entry
-    return draw
+    return entry
 
 
 def clear_mask_cache() -> None:
     """Forget the current input's dropout draw and its x⊙mask (what the nodes saved is theirs: with checkpointing,
     which drops saved tensors, this really frees them). ``train()`` calls it when training ends."""
     c = getattr(_state, "mask_cache", None)
-    if c is not None:
-        c["draw"].mask = None
+    if c is not None and c["draw"] is not None:
+        c["draw"].drop = None
     _state.mask_cache = None
 
 
@@ -155,54 +163,61 @@ def _forward(x2, xd, weight, bias, A, B, s):
     """Base output plus the LoRA term; returns (out, us) where us = s·xd·Aᵀ is tokens × r.
 
     The thin LoRA product is computed first and the base product adds it as it writes its output, instead of a
-    second full pass over the output. The scalar goes on the tokens × r factor, where it costs nothing and makes
-    B's gradient simply gᵀ·us. On a half-precision base with fp32 adapters (loratune's and PEFT's default) the LoRA
-    products run in fp32, as PEFT's do: x⊙m is upcast, and the term is rounded once, into the base's output."""
-    us = gemm.linear(xd.to(A.dtype), A).mul_(s)  # .to is a no-op when the dtypes agree
+    second full pass over the output. The scalar goes on the tokens × r factor (the GEMM's alpha), where it costs
+    nothing and makes B's gradient simply gᵀ·us. xd is in the adapters' dtype: on a half-precision base with fp32
+    adapters (loratune's and PEFT's default) the LoRA products run in fp32, as PEFT's do, and the term is rounded
+    once, into the base's output."""
+    us = gemm.linear(xd, A, scale=s)
     return gemm.linear(x2, weight, bias, other=gemm.linear(us, B).to(x2.dtype)), us
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a dropout draw or None. ``s`` includes 1/(1-p).
 
-    x, W, b share one dtype, and so do A, B; the adapters' may be fp32 on a half-precision base (``_forward``)."""
+    x, W, b share one dtype, and so do A, B; the adapters' may be fp32 on a half-precision base. ``xd`` is x⊙m in
+    the adapters' dtype (``_lora_input``; x itself where that is the same), computed outside, without autograd."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, s, draw, save_x):
-        xd = x2 if draw is None else _dropped_input(draw, x2)
+    def forward(ctx, x2, xd, weight, bias, A, B, s, draw, save_x):
         out, us = _forward(x2, xd, weight, bias, A, B, s)
         # Saved: x⊙m (x without dropout; the siblings save the same tensor), us (tokens × r) and the parameters; a
         # mask only off CPU. Nothing tokens × out. x⊙m rather than x, because A's gradient needs it and nothing
         # needs x, except where x is a view (``save_x``; see lora_linear): then x's storage is another op's output,
         # which that op usually saves anyway (attention's output before o_proj), so x costs nothing to keep and the
         # backward rebuilds x⊙m from it.
-        ctx.save_for_backward(x2 if save_x else xd, weight, A, B, us, None if draw is None else draw.mask)
-        ctx.s, ctx.has_bias, ctx.draw, ctx.rebuild = s, bias is not None, draw, save_x and draw is not None
+        rebuild = save_x and xd is not x2
+        ctx.save_for_backward(x2 if rebuild else xd, weight, A, B, us, None if draw is None else draw.drop)
+        ctx.s, ctx.has_bias, ctx.draw, ctx.rebuild = s, bias is not None, draw, rebuild
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xd, weight, A, B, us, mask = ctx.saved_tensors
+        xd, weight, A, B, us, drop = ctx.saved_tensors
         s, draw = ctx.s, ctx.draw
         g = g.contiguous()
         ga = g.to(A.dtype)  # the LoRA products in the adapters' precision (a no-op unless the base is half)
-        need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        need_x, _, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         grad_x = grad_bias = grad_A = grad_B = None
-        gu = gemm.linear(ga, B.t()).mul_(s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
+        gu = gemm.linear(ga, B.t(), scale=s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
         if need_x:
             lora_gx = gemm.linear(gu, A.t())  # tokens × in through the rank-r bottleneck, not an out × in matrix
             if draw is not None:
-                draw.apply(lora_gx, lora_gx, mask)  # in place: no second tokens × in buffer
+                draw.apply(lora_gx, lora_gx, drop)  # in place: no second tokens × in buffer
             grad_x = gemm.linear(g, weight.t(), other=lora_gx.to(g.dtype))  # + g·W: the base's input gradient
         if need_A:
-            if ctx.rebuild:  # saved x: x⊙m again, the same bits from the draw's seed (or its saved mask)
-                xd = draw.apply(xd, mask=mask)
-            grad_A = gemm.linear(gu.t(), xd.to(A.dtype).t())
+            if ctx.rebuild:  # saved x: x⊙m again (the same bits from the draw's seed, or its saved mask), cast
+                if xd.dtype == A.dtype:
+                    xd = draw.apply(xd, drop=drop)  # one pass into a new tensor
+                else:
+                    xd = xd.to(A.dtype, memory_format=torch.contiguous_format)
+                    if draw is not None:
+                        draw.apply(xd, xd, drop)
+            grad_A = gemm.linear(gu.t(), xd.t())
         if need_B:  # torch.mm, not gemm.linear: oneDNN ran this reduction over tokens 2.5-4× slower than MKL
             grad_B = ga.t().mm(us)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+        return grad_x, None, None, grad_bias, grad_A, grad_B, None, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -214,15 +229,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     p = dropout if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
-    draw = None
-    if p > 0:
+    draw, xd = None, x2
+    if p > 0 or x.dtype != A.dtype:
         with torch.no_grad():  # keyed on x itself: siblings receive the same x object, never the same view
-            draw = _shared_draw(x, p, consumer)
+            entry = _shared_input(x, p, consumer)
+            draw, xd = entry["draw"], _lora_input(entry, x2, A.dtype)
     s = scaling / (1 - p)  # inverted dropout's rescale, folded into the scalar
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        out = LoraLinearFunction.apply(x2, weight, bias, A, B, s, draw, x._base is not None)
+        out = LoraLinearFunction.apply(x2, xd, weight, bias, A, B, s, draw, x._base is not None)
     else:  # nothing here needs a gradient: the plain forward
-        xd = x2 if draw is None else _dropped_input(draw, x2)
         out = _forward(x2, xd, weight, bias, A, B, s)[0]
     return out.view(*x.shape[:-1], out.shape[-1])

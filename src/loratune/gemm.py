@@ -113,16 +113,26 @@ def routed(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           other: torch.Tensor | None = None) -> torch.Tensor:
-    """x·wᵀ + bias + other: x (n, k), w (m, k), bias (m,) or None, other (n, m) or None.
+           other: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """scale·x·wᵀ + bias + other: x (n, k), w (m, k), bias (m,) or None, other (n, m) or None.
 
     ``other`` is consumed: the result may be ``other`` itself, updated in place (torch's path accumulates into it,
-    ``addmm_``, rather than making a second (n, m) tensor); callers must not use it afterwards."""
+    ``addmm_``, rather than making a second (n, m) tensor); callers must not use it afterwards. On torch's path the
+    scale is the GEMM's alpha (no separate pass over the result, one kernel launch fewer on a GPU)."""
     if routed(x, w) and (bias is None or bias.dtype == x.dtype) and (other is None or other.dtype == x.dtype):
+        if scale != 1:  # oneDNN's op takes no scale: the scaled product, then the rest
+            out = _OP(x, w, None, "none", [None], "").mul_(scale)
+            out = out if bias is None else out.add_(bias)
+            return out if other is None else out.add_(other)
         if other is None:
             return _OP(x, w, bias, "none", [None], "")
         return _OP.binary(x, other, w, bias, "add")
     if other is None:
-        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-    out = other.addmm_(x, w.t())
+        if bias is not None:
+            return torch.addmm(bias, x, w.t(), alpha=scale)
+        if scale == 1:
+            return torch.mm(x, w.t())
+        out = x.new_empty(x.shape[0], w.shape[0])  # beta=0: addmm ignores its (unset) input, NaNs included
+        return torch.addmm(out, x, w.t(), beta=0, alpha=scale, out=out)
+    out = other.addmm_(x, w.t(), alpha=scale)
     return out if bias is None else out.add_(bias)
