@@ -201,6 +201,35 @@ def test_dropout_saves_one_dropped_copy_no_mask_and_not_x(record_masks):
     assert fused._state.mask_cache is None
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_half_base_siblings_share_one_upcast_and_keep_it_only_with_dropout(p, record_masks):
+    """bf16 base, fp32 adapters: q/k/v cast x to fp32 once between them. With dropout the nodes save that one
+    fp32 x⊙mask (A's gradient needs it); without, they save x itself (no extra memory) and the backward casts it."""
+    layers = [layer.to(torch.bfloat16) for layer in _sibling_layers(p)]
+    for layer in layers:
+        layer.adapters["a"].float()
+    x = torch.randn(6, 24, dtype=torch.bfloat16, requires_grad=True)
+    h = x * 1
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [layer(h) for layer in layers]
+    big = [t for t in saved if t.shape == h.shape]
+    assert len(big) == 3 and len({t.untyped_storage().data_ptr() for t in big}) == 1
+    if p:
+        assert big[0].dtype == torch.float32 and torch.equal(big[0], h.detach().float() * record_masks[0])
+    else:
+        assert big[0].dtype == torch.bfloat16 and big[0].untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+    params = [x] + [t for L in layers for t in (L.adapters["a"].lora_A, L.adapters["a"].lora_B)]
+    got = torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs])
+    ref_in = [t.detach().double().requires_grad_() for t in params]
+    mask = record_masks[0] if p else None
+    refs = [_reference(ref_in[0], L.weight.double(), L.base_layer.bias.double(), ref_in[1 + 2 * i],
+                       ref_in[2 + 2 * i], L.adapters["a"].scaling, mask, p) for i, L in enumerate(layers)]
+    want = torch.autograd.grad(refs, ref_in, [torch.ones_like(r) for r in refs])
+    assert rel_err(got[0], want[0]) <= torch.finfo(torch.bfloat16).eps
+    assert max(rel_err(a, b) for a, b in zip(got[1:], want[1:])) <= 1e-5
+
+
 @pytest.mark.parametrize("stored_masks", [False, True])
 def test_a_view_input_is_saved_as_itself_and_x_dropped_rebuilt(stored_masks, record_masks, monkeypatch):
     """A view's storage is another op's output, which that op usually keeps (attention's output before o_proj):

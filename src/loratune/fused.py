@@ -104,7 +104,8 @@ def _lora_input(entry: dict, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     per-thread input cache (``_shared_input``), which holds it only until the next input. The nodes save this tensor
     instead of x (except for views, see LoraLinearFunction.forward): A's gradient needs it, and nothing in the
     backward needs x itself, so the backward does not rebuild it. On a half-precision base with fp32 adapters this
-    is the one upcast copy of x for all the siblings, made in the forward and not again in the backward."""
+    is the one upcast copy of x for all the siblings' forward; with dropout the nodes save it, without they save x
+    itself and the backward casts it again (LoraLinearFunction.forward)."""
     xd = entry.get("xd")
     if xd is None or xd.shape != x2.shape or xd.dtype != dtype:
         draw = entry["draw"]
@@ -185,7 +186,9 @@ class LoraLinearFunction(torch.autograd.Function):
         # needs x, except where x is a view (``save_x``; see lora_linear): then x's storage is another op's output,
         # which that op usually saves anyway (attention's output before o_proj), so x costs nothing to keep and the
         # backward rebuilds x⊙m from it.
-        rebuild = save_x and xd is not x2
+        # Without dropout, a cast xd (half base, fp32 adapters) is not kept either: x is, as the input itself,
+        # usually kept by another op anyway, and the backward casts it again, one op for half the memory.
+        rebuild = (save_x or draw is None) and xd is not x2
         ctx.save_for_backward(x2 if rebuild else xd, weight, A, B, us, None if draw is None else draw.drop)
         ctx.s, ctx.has_bias, ctx.draw, ctx.rebuild = s, bias is not None, draw, rebuild
         return out
