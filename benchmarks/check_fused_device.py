@@ -50,6 +50,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a device name (use cuda, cuda:N or cpu)")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: this torch sees no CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here

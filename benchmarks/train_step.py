@@ -553,6 +553,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--device {args.device}: not a device name (use cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    from loratune.base_models import BUNDLED, resolve_model_path
+    from loratune.errors import LoraTuneError
+
+    if args.model not in BUNDLED:  # (a bundled model's package is checked when it loads, with its own message)
+        try:
+            resolve_model_path(args.model)
+        except LoraTuneError as e:
+            ap.error(f"--model: {e}")
     if args.inner is None:
         args.inner = 1 if device.type == "cpu" else 10
     if args.inner < 1:

@@ -21,6 +21,7 @@ _spec.loader.exec_module(train_step)
     (["--device", "nope"], "--device nope: not a device name"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--inner", "0"], "--inner must be at least 1"),
+    (["--model", "/nonexistent-model-dir", "--random-weights"], "--model: model '/nonexistent-model-dir' not found"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(train_step, "bench_config", lambda *a: pytest.fail("ran a benchmark"))
