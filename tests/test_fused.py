@@ -259,6 +259,31 @@ def test_a_view_input_is_saved_as_itself_and_x_dropped_rebuilt(stored_masks, rec
         assert rel_err(a, b) <= 1e-12
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_view_input_on_a_half_base_is_saved_as_itself_and_rebuilt_in_fp32(p, record_masks):
+    """o_proj's case on a bf16 base with fp32 adapters: the node keeps the bf16 view, and the backward casts it (and
+    masks it) again for A's gradient, which stays fp32-exact."""
+    (q,) = _sibling_layers(p)[:1]
+    q = q.to(torch.bfloat16)
+    q.adapters["a"].float()
+    x = torch.randn(6, 24, dtype=torch.bfloat16, requires_grad=True)
+    h = (x * 1).view(2, 3, 24)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = q(h)
+    big = [t for t in saved if t.numel() == h.numel() and t.dtype != torch.bool]
+    assert len(big) == 1 and big[0].dtype == torch.bfloat16
+    assert big[0].untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+    ad = q.adapters["a"]
+    g = torch.randn(out.shape).to(torch.bfloat16)
+    gA, gB = torch.autograd.grad(out, [ad.lora_A, ad.lora_B], g)
+    ref_in = [t.detach().double().requires_grad_() for t in (ad.lora_A, ad.lora_B)]
+    ref = _reference(h.detach().double(), q.weight.double(), q.base_layer.bias.double(), *ref_in, ad.scaling,
+                     record_masks[0] if p else None, p)
+    rA, rB = torch.autograd.grad(ref, ref_in, g.double())
+    assert rel_err(gA, rA) <= 1e-5 and rel_err(gB, rB) <= 1e-5
+
+
 def test_interleaved_draws_each_keep_their_own_dropped_input(record_masks):
     """A module whose input is no longer the current one gets a new draw and its own x⊙mask; the backward, which
     runs the nodes in another order (later nodes first), gets every gradient right: v(x'), q(y), k(x), q(x)."""
