@@ -421,16 +421,12 @@ def bench_inference(cfg: dict, args) -> dict:
     base.eval(), lt.eval()
     input_ids, mask, _ = make_batch(args.batch, args.seq, base.config.vocab_size, device=args.device)
 
+    def forward(model, batch):
+        with torch.no_grad():
+            model(input_ids=batch[0], attention_mask=batch[1])
+
     def fwd(model):
-        total = 0.0
-        for _ in range(args.inner):
-            sync(args.device)
-            start = time.perf_counter()
-            with torch.no_grad():
-                model(input_ids=input_ids, attention_mask=mask)
-            sync(args.device)
-            total += time.perf_counter() - start
-        return total / args.inner
+        return timed(forward, model, (input_ids, mask), args.device, args.inner)
 
     def merged():
         lt.merge_adapter()  # merge/unmerge are outside the timed forward
