@@ -553,10 +553,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     from loratune.errors import LoraTuneError
 
     if args.model not in BUNDLED:  # (a bundled model's package is checked when it loads, with its own message)
+        from transformers import AutoConfig
+
         try:
-            resolve_model_path(args.model)
+            AutoConfig.from_pretrained(resolve_model_path(args.model))
         except LoraTuneError as e:
             ap.error(f"--model: {e}")
+        except (OSError, ValueError) as e:  # a config.json transformers cannot read
+            ap.error(f"--model {args.model}: its config.json cannot be read ({e}); point --model at a model folder")
     if args.inner is None:
         args.inner = 1 if device.type == "cpu" else 10
     if args.inner < 1:

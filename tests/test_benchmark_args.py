@@ -84,6 +84,13 @@ def test_on_route_runs_on_the_named_library_and_restores_the_default():
     assert {train_step.default_route(), train_step.other_route()} == {"onednn", "mkl"}
 
 
+def test_a_model_folder_with_a_broken_config_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        train_step.main(["--model", str(tmp_path), "--random-weights"])
+    assert e.value.code == 2 and "its config.json cannot be read" in capsys.readouterr().err
+
+
 def test_a_gpu_that_is_not_there_is_a_one_line_error(capsys):
     import torch
 
