@@ -332,9 +332,10 @@ def _status_kb(field: str) -> int:
 
 def peak_step_memory_mb(step, model, batch) -> float | None:
     """The growth of the resident set during one step, in MiB (Linux only); on a GPU, of torch's allocated memory."""
-    from loratune import fused
+    from loratune import fused, losses
 
     fused.clear_mask_cache()  # (loratune keeps the last input's x⊙mask until the next step)
+    losses.release_workspace()  # and its loss's chunk buffer, which the step must then allocate: it counts
     gc.collect()
     if batch[0].device.type == "cuda":
         torch.cuda.synchronize()

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune import LoraConfig, gemm, get_lora_model
+from loratune import LoraConfig, gemm, get_lora_model, losses
+from loratune.evaluate import response_loss_sum
 from loratune.losses import causal_lm_loss, chunked_causal_lm_loss
 
 from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
@@ -136,3 +137,88 @@ def test_plain_module_without_output_embeddings_falls_back():
             return type("Out", (), {"loss": torch.tensor(1.5)})()
 
     assert causal_lm_loss(Toy(), ids(2, 4), None, ids(2, 4)).item() == 1.5
+
+
+def test_cpu_chunk_buffer_is_kept_between_calls_grown_and_released(gemm_route):
+    """On torch.mm's path the chunk buffer outlives the call (no fresh mapping, and its page faults, per step);
+    a larger call grows it, results stay exact either way, and release_workspace() lets it go. oneDNN writes its
+    products into new tensors, so there nothing is kept."""
+    losses.release_workspace()
+    h, W, _, labels = _inputs(torch.float64, vocab=40)
+    kept = lambda: getattr(losses._local, "buf", None)  # noqa: E731
+    for chunk in (4, 4, 2, 7):  # 4 rows, again (reused), fewer (a slice of it), more (grown)
+        before = kept()
+        before_ptr = None if before is None else before.data_ptr()
+        loss = chunked_causal_lm_loss(h, W, labels, chunk)
+        assert rel_err(loss, _reference(h, W, labels)) <= 1e-12
+        for got, want in zip(torch.autograd.grad(loss, [h, W]), torch.autograd.grad(_reference(h, W, labels),
+                                                                                        [h, W])):
+            assert rel_err(got, want) <= 1e-12
+        if gemm_route == "onednn":
+            continue
+        buf = kept()
+        assert buf is not None and buf.numel() >= chunk * 40 and buf.dtype == torch.float64
+        if before is not None and before.numel() >= chunk * 40:
+            assert buf.data_ptr() == before_ptr  # the same memory again
+    if gemm_route == "torch":
+        assert kept().numel() == 7 * 40
+    losses.release_workspace()
+    assert kept() is None
+
+
+def test_no_grad_loss_makes_no_gradients(monkeypatch):
+    """Under no_grad (evaluation) the loss is the forward alone: no hidden-state gradient product per chunk."""
+    h, W, _, labels = _inputs(torch.float32)
+    calls = []
+    mm = torch.mm
+
+    def spy(a, b, *args, **kw):
+        calls.append(tuple(a.shape) + tuple(b.shape))
+        return mm(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    with torch.no_grad():
+        loss = chunked_causal_lm_loss(h, W, labels, 4)
+    monkeypatch.setattr(torch, "mm", mm)
+    assert rel_err(loss, _reference(h, W, labels)) <= 1e-5
+    assert all(c[-1] == W.shape[0] for c in calls)  # only logits (… × vocab), never G·W (… × hidden)
+
+
+def _chat_batch(vocab=128):
+    x = ids(3, 10, vocab=vocab)
+    labels = torch.full_like(x, -100)
+    labels[0, 5:] = x[0, 5:]  # responses: a few labelled positions per row
+    labels[1, 2:7] = x[1, 2:7]
+    labels[2, 8:] = x[2, 8:]
+    mask = torch.ones_like(x)
+    mask[2, :3] = 0
+    return {"input_ids": x, "attention_mask": mask, "labels": labels}
+
+
+def _response_reference(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_response_loss_sum_matches_the_models_logits(softcap, monkeypatch):
+    """The trainer's loss (chunked, response positions only) is the sum of CE over labelled positions of the
+    model's own logits, with the same A/B gradients. A model whose logits are more than lm_head(hidden) (Gemma 2's
+    soft-capping) takes its own logits: the *ForCausalLM forward runs, which it does not otherwise."""
+    model = tiny_llama()
+    model.config.final_logit_softcapping = softcap
+    lm = get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                          init_lora_weights=False)).eval()
+    batch = _chat_batch()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    got, n = response_loss_sum(lm, batch)
+    assert len(calls) == (1 if softcap else 0)
+    want = _response_reference(lm, batch)
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        assert rel_err(a, b) <= 1e-5

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import fused
+from . import fused, losses
 from .base_models import load_base_model
 from .data import PreparedData, collate, prepare
 from .errors import LoraTuneError
@@ -317,6 +317,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             break
     bar.close()
     fused.clear_mask_cache()  # let go of the last input's x⊙mask: evaluation and merging need none
+    losses.release_workspace()  # and of the loss's kept chunk × vocab buffer
     if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet
         return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0)
 
