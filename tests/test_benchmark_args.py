@@ -101,6 +101,22 @@ def test_a_gpu_that_is_not_there_is_a_one_line_error(capsys):
     assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
+def test_peak_memory_counts_what_loratune_keeps_between_steps(monkeypatch):
+    """The step whose peak is measured must allocate loratune's kept buffers (the last input's x*mask, the loss's
+    chunk buffer) itself: kept from an earlier step they would be missing from its peak."""
+    import torch
+
+    from loratune import fused, losses
+
+    released = []
+    monkeypatch.setattr(fused, "clear_mask_cache", lambda: released.append("mask"))
+    monkeypatch.setattr(losses, "release_workspace", lambda: released.append("loss"))
+    seen = []
+    batch = (torch.zeros(1, 2, dtype=torch.long),)
+    train_step.peak_step_memory_mb(lambda model, b: seen.append(list(released)), torch.nn.Linear(2, 2), batch)
+    assert seen == [["mask", "loss"]]
+
+
 @pytest.mark.parametrize("dtype, grad_tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
 def test_a_whole_run_on_a_tiny_random_model(dtype, grad_tol, tmp_path, capsys):
     """The benchmark end to end (--model DIR --random-weights, as on a GPU machine, here on the CPU): every
