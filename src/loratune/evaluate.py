@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import collate
-from .losses import chunked_causal_lm_loss, split_lm
+from .losses import causal_lm_loss, split_lm
 
 
 def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -18,22 +18,18 @@ def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 
     Logits are computed only where a label exists (for chat data that is the response, a small part of each row,
     so the tokens × vocab output head, a fifth of a small model's FLOPs, mostly never runs), a chunk at a time
-    (``losses.chunked_causal_lm_loss``: never all of them at once). Models whose logits are more than
+    (``losses.causal_lm_loss``: never all of them at once). Models whose logits are more than
     ``lm_head(hidden)`` (soft-capping, scaled logits, a LoRA'd head) use their own logits instead.
     """
     hf = getattr(model, "model", model) if hasattr(model, "peft_config") else model
     labels = batch["labels"]
     n = int((labels[:, 1:] != -100).sum())
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    split = split_lm(hf)
-    if split is None:
+    if split_lm(hf) is None:
         logits = model(input_ids=batch["input_ids"], **kwargs).logits[:, :-1]
         mask = labels[:, 1:] != -100
         return F.cross_entropy(logits[mask].float(), labels[:, 1:][mask], reduction="sum"), n
-    backbone, head = split
-    out = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return chunked_causal_lm_loss(hidden, head.weight, labels, lm_head_bias=head.bias, num_items_in_batch=1), n
+    return causal_lm_loss(hf, batch["input_ids"], labels=labels, num_items_in_batch=1, **kwargs), n  # the sum
 
 
 @torch.no_grad()
