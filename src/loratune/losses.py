@@ -79,10 +79,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[0], chunk_size):
             hc, tc = h[i:i + chunk_size], targets[i:i + chunk_size]
             logits = probs = g = None  # free the last chunk's logits (unless they are buf) before making these
-            if buf is None and weight.dtype == acc and not gemm.routed(hc, weight):  # (oneDNN writes a new tensor)
-                buf = _workspace(min(chunk_size, h.shape[0]), weight.shape[0], acc, h.device)
+            routed = gemm.routed(hc, weight)  # (oneDNN writes its product into a new tensor: no buffer there)
+            if buf is None and weight.dtype == acc and not routed:
+                buf = _workspace(min(chunk_size, h.shape[0]), weight.shape[0], acc, h.device)  # None off CPU
             logits = _chunk_logits(hc, weight, bias, acc, buf)  # at least fp32, as transformers does
-            buf = logits if buf is None and not gemm.routed(hc, weight) else buf
+            buf = logits if buf is None and not routed else buf
             rows = torch.arange(len(tc), device=h.device)
             target_logit = logits[rows, tc]
             # log-sum-exp and softmax in place: max, x - max, exp, sum (torch.logsumexp would allocate a copy)
