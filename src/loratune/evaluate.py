@@ -23,11 +23,11 @@ def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     """
     hf = getattr(model, "model", model) if hasattr(model, "peft_config") else model
     labels = batch["labels"]
-    n = int((labels[:, 1:] != -100).sum())
+    mask = labels[:, 1:] != -100
+    n = int(mask.sum())
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     if split_lm(hf) is None:
         logits = model(input_ids=batch["input_ids"], **kwargs).logits[:, :-1]
-        mask = labels[:, 1:] != -100
         return F.cross_entropy(logits[mask].float(), labels[:, 1:][mask], reduction="sum"), n
     return causal_lm_loss(hf, batch["input_ids"], labels=labels, num_items_in_batch=1, **kwargs), n  # the sum
 
