@@ -74,7 +74,7 @@ def test_thresholds_split_p():
 
 
 def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(seeded, "_kernel", False)  # not tried yet
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)  # not tried yet
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
     with pytest.warns(RuntimeWarning, match="install a C compiler"):
@@ -86,7 +86,7 @@ def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 
 def test_kernel_builds_into_the_cache_atomically(monkeypatch, tmp_path):
-    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path))
     assert seeded.kernel() is not None
     (built,) = (tmp_path / "kernels").iterdir()  # one file, the final name: no temp file left
@@ -97,11 +97,11 @@ def test_kernel_threads_are_torchs(native):
     """The kernel's OpenMP resolves to the libgomp torch loaded: one runtime, so its threads are torch's."""
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "libgomp" in line}
-    assert len(runtimes) <= 1 and seeded._threads_ok == (len(runtimes) == 1)
+    assert len(runtimes) <= 1 and seeded.LIBRARY.threads_ok == (len(runtimes) == 1)
 
 
 def test_native_off_by_environment(monkeypatch):
-    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)
     monkeypatch.setenv("LORATUNE_NATIVE", "0")
     assert seeded.kernel() is None
 
@@ -113,14 +113,14 @@ def test_off_cpu_tensors_are_refused_with_the_reason():
 
 
 def test_a_damaged_cached_kernel_is_rebuilt(monkeypatch, tmp_path):
-    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "first"))
     assert seeded.kernel() is not None
     (built,) = (tmp_path / "first" / "kernels").iterdir()  # its name: what a damaged entry would be called
     damaged = tmp_path / "second" / "kernels" / built.name  # (not the loaded file: rewriting that would crash)
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not a shared library")
-    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "second"))
     assert seeded.kernel() is not None and damaged.read_bytes()[:4] == b"\x7fELF"
     assert torch.equal(seeded.keep_mask(torch.Size([999]), 3, 0.1),
@@ -130,14 +130,14 @@ def test_a_damaged_cached_kernel_is_rebuilt(monkeypatch, tmp_path):
 def test_an_unusable_cache_directory_is_named_in_the_warning(monkeypatch, tmp_path):
     not_a_dir = tmp_path / "cache"
     not_a_dir.write_text("a file where the cache directory should be")
-    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)
     monkeypatch.setenv("LORATUNE_CACHE", str(not_a_dir))
     with pytest.warns(RuntimeWarning, match="point \\$LORATUNE_CACHE at a writable directory"):
         assert seeded.kernel() is None
 
 
 def test_a_compiler_that_is_not_there_is_named_in_the_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(seeded, "_kernel", False)
+    monkeypatch.setattr(seeded.LIBRARY, "lib", False)
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.warns(RuntimeWarning, match="no-such-cc.*install a C compiler"):

@@ -31,7 +31,7 @@ def gemm_route(request, monkeypatch):
 def dropout_impl(request, monkeypatch):
     """Run a test with the compiled dropout kernel and again with the numpy fallback (they draw the same bits)."""
     if request.param == "numpy":
-        monkeypatch.setattr(seeded, "_kernel", None)
+        monkeypatch.setattr(seeded.LIBRARY, "lib", None)
     else:
         assert seeded.kernel() is not None, "the dropout kernel did not build on this machine"
     return request.param

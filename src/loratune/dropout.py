@@ -16,18 +16,12 @@ The seed itself comes from torch's generator, so ``torch.manual_seed`` and check
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import native
 
 GAMMA, EDGE_KEY = 0x9E3779B97F4A7C15, 0xD1B54A32D192ED03
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -72,109 +66,24 @@ def keep_mask_reference(n: int, seed: int, p: float) -> np.ndarray:
 
 
 # --- the compiled kernel -----------------------------------------------------------------------------------------
-_lock = threading.Lock()
-_kernel: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
-_threads_ok = False  # whether the kernel may use OpenMP threads (see _one_openmp_runtime)
+def _declare(lib: ctypes.CDLL) -> None:
+    args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int]
+    lib.lt_keep_mask.argtypes = [ctypes.c_void_p, *args]
+    for fn in (lib.lt_dropout_f32, lib.lt_dropout_f64):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *args]
+    lib.lt_keep_mask.restype = lib.lt_dropout_f32.restype = lib.lt_dropout_f64.restype = None
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: a build is cached per CPU model and feature set."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags")))[:8192]
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-Wno-unknown-pragmas"])
-
-
-def _one_openmp_runtime() -> bool:
-    """Whether the process has exactly one libgomp loaded. The kernel's OpenMP then runs on torch's own intra-op
-    threads (they share the runtime: torch loads libgomp.so.1 first, and the kernel's dependency of the same
-    name resolves to it). Two runtimes would each keep their threads spinning for the cores: then one thread."""
-    try:
-        with open("/proc/self/maps") as f:
-            return len({line.split()[-1] for line in f if "libgomp" in line}) == 1
-    except OSError:
-        return False
-
-
-def _threads() -> int:
-    return torch.get_num_threads() if _threads_ok else 1
-
-
-def _compile(cc: str, target: Path) -> None:
-    """Compile the kernel to ``target`` atomically (a temp file renamed into place), with -march=native and
-    OpenMP where they work."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for flags in _FLAGS:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [cc, *flags, "-std=c99", "-shared", "-fPIC", str(_KERNEL_SOURCE), "-o", tmp]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if res.returncode == 0:
-                os.replace(tmp, target)
-                return
-            errors.append(res.stderr.strip()[-500:])
-        except (OSError, subprocess.SubprocessError) as e:  # no such compiler, or it hung: other flags won't help
-            raise RuntimeError(f"{cc}: {e}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError("; ".join(errors))
+LIBRARY = native.Kernel(_KERNEL_SOURCE, _declare, without="with slower dropout")
 
 
 def kernel() -> ctypes.CDLL | None:
-    """The compiled dropout kernel, built on first use and cached under $LORATUNE_CACHE/kernels; None (with one
-    warning) where it cannot be built, or with LORATUNE_NATIVE=0."""
-    global _kernel, _threads_ok
-    if _kernel is not False:
-        return _kernel
-    with _lock:
-        if _kernel is not False:
-            return _kernel
-        _kernel = None
-        if os.environ.get("LORATUNE_NATIVE", "1") == "0":
-            return None
-        from .base_models import cache_dir
+    """The compiled dropout kernel (``native.Kernel``): None where it cannot be built, or with LORATUNE_NATIVE=0."""
+    return LIBRARY.get()
 
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        source = _KERNEL_SOURCE.read_bytes()
-        key = hashlib.sha256(source + repr((cc, _FLAGS, _cpu_identity())).encode()).hexdigest()[:16]
-        target = cache_dir() / "kernels" / f"dropout-{key}.so"
-        try:
-            lib = None
-            if target.exists():
-                try:
-                    lib = ctypes.CDLL(str(target))
-                except OSError:  # a damaged cache entry (say, from a full disk): build it again
-                    target.unlink()
-            if lib is None:
-                if cc is None:
-                    raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
-                _compile(cc, target)
-                lib = ctypes.CDLL(str(target))
-        except RuntimeError as e:  # from the compiler
-            warnings.warn(f"loratune: the dropout kernel could not be built ({e}); training still works, with "
-                          "slower dropout. Fix: install a C compiler (e.g. `apt install gcc`) or set $CC.",
-                          RuntimeWarning, stacklevel=2)
-            return None
-        except OSError as e:  # from the cache directory
-            warnings.warn(f"loratune: the dropout kernel could not be cached or loaded ({e}); training still works, "
-                          "with slower dropout. Fix: point $LORATUNE_CACHE at a writable directory (now "
-                          f"{target.parent.parent}).", RuntimeWarning, stacklevel=2)
-            return None
-        _threads_ok = _one_openmp_runtime()
-        args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int]
-        lib.lt_keep_mask.argtypes = [ctypes.c_void_p, *args]
-        for fn in (lib.lt_dropout_f32, lib.lt_dropout_f64):
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *args]
-        lib.lt_keep_mask.restype = lib.lt_dropout_f32.restype = lib.lt_dropout_f64.restype = None
-        _kernel = lib
-        return lib
+
+def _threads() -> int:
+    return LIBRARY.threads()
 
 
 # --- masks on tensors --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import blocks
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LoraTuneError
 from .layers import BASE, LoraLayer, lora_class_for
@@ -92,6 +93,7 @@ class LoraModel(nn.Module):
         if config.task_type == "SEQ_CLS":  # as PEFT: a classifier's fresh head must be trained and saved
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(SEQ_CLS_HEADS))
         self._inject(adapter_name, config)
+        blocks.install(self.model)  # fused RMSNorm/SwiGLU between the LoRA layers (blocks.py); unwrap removes them
         self.peft_config[adapter_name] = config
         # A new adapter is not active (layers it alone targets must not switch it on), unless it is the first.
         self.set_adapter(self.active_adapters or [adapter_name])
@@ -232,6 +234,7 @@ class LoraModel(nn.Module):
         return self._unwrap(keep_merged=False)
 
     def _unwrap(self, keep_merged: bool) -> nn.Module:
+        blocks.uninstall(self.model)
         for path, module in list(self.model.named_modules()):
             if isinstance(module, LoraLayer):
                 if not keep_merged:

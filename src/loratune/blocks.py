@@ -1,0 +1,176 @@
+"""Fused RMSNorm and SwiGLU for the frozen blocks between a Llama-family model's LoRA layers.
+
+A LoRA step on a frozen model spends about a tenth of its time outside the matmuls, most of it in the two blocks
+every Llama-family layer has around its linears: RMSNorm (twice per layer) and the SwiGLU gate of the MLP. torch
+runs each as 5–10 elementwise ops, each a pass over the whole tensor, and autograd saves their intermediates; the
+compiled kernel (``blocks_kernel.c``, built and cached like the dropout kernel by ``native.py``) does each forward
+and each backward in one pass and saves only the inputs. The same idea as Unsloth's fused kernels, on CPU.
+
+``install(model)`` gives the known module types (a registry keyed by type, below) a fused ``forward`` on the
+instance; state-dict keys and module types are unchanged, and ``uninstall`` removes them (``LoraModel`` installs on
+wrap and uninstalls on unload/merge_and_unload). A fused forward takes the kernel only where it applies (float32 on
+CPU, a frozen norm weight, the kernel built, ``fused.is_enabled()``) and otherwise runs the module's own forward,
+so results never depend on whether it applied beyond float32 rounding: tests/test_blocks.py checks both against
+float64 references.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fused, native
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, n, th = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lt_rms_norm_fwd.argtypes = [ptr, ptr, ptr, ptr, n, n, ctypes.c_float, th]
+    lib.lt_rms_norm_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, th]
+    lib.lt_swiglu_fwd.argtypes = [ptr, ptr, ptr, n, th]
+    lib.lt_swiglu_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, n, th]
+    for fn in (lib.lt_rms_norm_fwd, lib.lt_rms_norm_bwd, lib.lt_swiglu_fwd, lib.lt_swiglu_bwd):
+        fn.restype = None
+
+
+LIBRARY = native.Kernel(Path(__file__).with_name("blocks_kernel.c"), _declare,
+                        without="with RMSNorm and SwiGLU as torch ops")
+
+
+def _kernel_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel, if it applies to these tensors (float32 on CPU) and the fast path is on; else None."""
+    if not fused.is_enabled() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return LIBRARY.get()
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------------------------
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight ⊙ x / sqrt(mean(x²) + eps) over the last dimension, in torch ops (as transformers' LlamaRMSNorm)."""
+    xf = x.to(torch.float32)
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a frozen weight: saves x and one scalar per row; the backward is the input gradient only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
+        x = x.contiguous()
+        d = x.shape[-1]
+        y, r = torch.empty_like(x), x.new_empty(x.numel() // d)  # y: x.shape; r: (rows,)
+        lib.lt_rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), r.numel(), d, eps,
+                            LIBRARY.threads())
+        ctx.save_for_backward(x, weight, r)
+        ctx.lib = lib
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        g = g.contiguous()
+        gx = torch.empty_like(x)
+        ctx.lib.lt_rms_norm_bwd(g.data_ptr(), x.data_ptr(), weight.data_ptr(), r.data_ptr(), gx.data_ptr(),
+                                r.numel(), x.shape[-1], LIBRARY.threads())
+        return gx, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x's last dimension: the fused kernel where it applies (weight frozen and contiguous), else
+    ``rms_norm_reference``."""
+    lib = _kernel_for(x, weight)
+    if lib is None or weight.requires_grad or weight.dim() != 1 or not weight.is_contiguous() or x.numel() == 0:
+        return rms_norm_reference(x, weight, eps)
+    return _RMSNormFunction.apply(x, weight, float(eps), lib)
+
+
+# --- SwiGLU ------------------------------------------------------------------------------------------------------
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(a) ⊙ b: saves a and b (torch's ops also save silu(a)); one pass each way."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+        a, b = a.contiguous(), b.contiguous()
+        h = torch.empty_like(a)
+        lib.lt_swiglu_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.numel(), LIBRARY.threads())
+        ctx.save_for_backward(a, b)
+        ctx.lib = lib
+        return h
+
+    @staticmethod
+    def backward(ctx, gh: torch.Tensor):
+        a, b = ctx.saved_tensors
+        gh = gh.contiguous()
+        ga, gb = torch.empty_like(a), torch.empty_like(b)
+        ctx.lib.lt_swiglu_bwd(gh.data_ptr(), a.data_ptr(), b.data_ptr(), ga.data_ptr(), gb.data_ptr(), a.numel(),
+                              LIBRARY.threads())
+        return ga, gb, None
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) ⊙ b: the fused kernel where it applies (same shapes), else torch's ops."""
+    lib = _kernel_for(a, b)
+    if lib is None or a.shape != b.shape:
+        return F.silu(a) * b
+    return _SwiGLUFunction.apply(a, b, lib)
+
+
+# --- modules -----------------------------------------------------------------------------------------------------
+def _norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, module.weight, module.variance_epsilon)
+
+
+def _mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
+
+
+def _silu_mlp(module: nn.Module) -> bool:
+    """Whether a gate/up/down MLP's activation is SiLU (Llama's, Qwen2's, Mistral's default; not always)."""
+    from transformers.activations import SiLUActivation
+
+    return isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation))
+
+
+def registry() -> dict[type, tuple[Callable, Callable[[nn.Module], bool]]]:
+    """Module type → (fused forward, whether an instance qualifies). These types' forwards are exactly
+    ``rms_norm_reference`` and ``down(act(gate(x)) ⊙ up(x))`` in the transformers versions loratune supports."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    def always(module: nn.Module) -> bool:
+        return True
+
+    out: dict[type, tuple[Callable, Callable[[nn.Module], bool]]] = {}
+    for mod, prefix in ((llama, "Llama"), (mistral, "Mistral"), (qwen2, "Qwen2")):
+        out[getattr(mod, f"{prefix}RMSNorm")] = (_norm_forward, always)
+        out[getattr(mod, f"{prefix}MLP")] = (_mlp_forward, _silu_mlp)
+    return out
+
+
+_MARK = "_loratune_fused_forward"
+
+
+def install(model: nn.Module) -> int:
+    """Give every module of a registered type a fused forward (an instance attribute); returns how many. Modules
+    whose forward something else already replaced (accelerate's hooks, say) are left alone."""
+    known, count = registry(), 0
+    for module in model.modules():
+        entry = known.get(type(module))
+        if entry is None or "forward" in module.__dict__ or not entry[1](module):
+            continue
+        module.forward = entry[0].__get__(module)
+        setattr(module, _MARK, True)
+        count += 1
+    return count
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove what ``install`` added: the modules run their own forward again."""
+    for module in model.modules():
+        if module.__dict__.pop(_MARK, False):
+            module.__dict__.pop("forward", None)
