@@ -3,7 +3,9 @@
 On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, for each LoRA configuration:
 
 * floor:    the frozen model's forward + backward to the input embeddings (inputs_embeds.requires_grad), with
-            transformers' own ``labels=`` loss (floor_chunked: the same with loratune's chunked loss);
+            transformers' own ``labels=`` loss (floor_chunked: the same with loratune's chunked loss;
+            floor_fused: also with loratune's fused RMSNorm and SwiGLU, ``blocks.py``: loratune at rank 0, so
+            loratune/floor_fused is what the LoRA layers themselves cost);
 * loratune: loratune's step: ``causal_lm_loss(lora_model, ...)`` (fused LoRA linears, chunked loss) + backward;
 * PEFT:     PEFT's step with the same LoRA config and the same adapter weights: ``model(labels=...).loss.backward()``.
 
@@ -12,7 +14,7 @@ Intel: ``src/loratune/gemm.py``), and the stock floor never does. So that the Lo
 routing's share both stay visible, more contestants are timed:
 * floor_onednn:    the frozen model with the adapted linears' products on oneDNN, and loratune's loss: loratune at
                    rank 0 on oneDNN, so loratune_onednn/floor_onednn is what the adapters themselves cost there
-                   (on MKL, loratune_mkl/floor_chunked is);
+                   (on MKL, loratune_mkl/floor_fused is);
 * loratune_onednn, loratune_mkl: loratune's step with the routing forced on and off (``LORATUNE_ONEDNN=1``/``0``).
                    One of them is what this CPU runs by default, i.e. "loratune", and is not timed twice.
 
@@ -31,9 +33,10 @@ once.
 
 On a GPU (``--device cuda --dtype bfloat16``) the same steps are timed between synchronizations, each timing the
 mean of ``--inner`` steps; peak memory is torch's allocator peak over the step; the routes do not apply (they
-are CPU matrix libraries) and only floor, floor_chunked, loratune and PEFT run. ``--random-weights`` builds the
-model from its config.json alone with random weights, for a machine where the bundled weights cannot go (the
-times do not depend on the weights' values).
+are CPU matrix libraries) and only floor, floor_chunked, floor_fused (there the same as floor_chunked: the fused
+blocks are CPU kernels), loratune and PEFT run. ``--random-weights`` builds the model from its config.json alone
+with random weights, for a machine where the bundled weights cannot go (the times do not depend on the weights'
+values).
 
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --model DIR --random-weights --inner 10
 """
@@ -216,14 +219,15 @@ def base_models(n: int, args=None) -> list:
 
 
 def build_models(cfg: dict, args, routed_floor: bool = False):
-    """(frozen base, loratune model, PEFT model) with identical, non-trivial adapter weights, on shared base
-    weights; with ``routed_floor``, also the frozen base on loratune's kernels (``route_frozen_linears``)."""
+    """(frozen base, loratune model, PEFT model, fused floor) with identical, non-trivial adapter weights, on shared
+    base weights; the fused floor is the frozen base with loratune's fused blocks (``blocks.install``), i.e.
+    loratune at rank 0. With ``routed_floor``, also that floor on loratune's kernels (``route_frozen_linears``)."""
     import peft
 
-    from loratune import LoraConfig, get_lora_model
+    from loratune import LoraConfig, blocks, get_lora_model
     from loratune.io import adapter_tensors
 
-    base, lt_base, peft_base, *rest = base_models(4 if routed_floor else 3, args)
+    base, lt_base, peft_base, fused_floor, *rest = base_models(5 if routed_floor else 4, args)
     torch.manual_seed(0)
     lt = get_lora_model(lt_base, LoraConfig(**cfg, init_lora_weights=False))
     pcfg = peft.LoraConfig(**{k: v for k, v in cfg.items()}, task_type="CAUSAL_LM")
@@ -231,13 +235,16 @@ def build_models(cfg: dict, args, routed_floor: bool = False):
     weights = {k: v.detach().clone() for k, v in adapter_tensors(lt, "default").items()}
     result = peft.set_peft_model_state_dict(pm, weights)
     assert not result.unexpected_keys, result.unexpected_keys
-    for m in (base, lt, pm):
+    for m in (fused_floor, *rest):
+        m.requires_grad_(False)  # frozen floors (base_models froze ``base`` already)
+    for m in (base, lt, pm, fused_floor, *rest):
         m.train()
+    blocks.install(fused_floor)
     if routed_floor:
         targets = {name for name, _ in lt.lora_layers()}  # the floor routes what loratune routes, no more
-        return base, lt, pm, route_frozen_linears(rest[0].requires_grad_(False).train(), targets)
-    return base, lt, pm
-
+        blocks.install(rest[0])
+        return base, lt, pm, fused_floor, route_frozen_linears(rest[0], targets)
+    return base, lt, pm, fused_floor
 
 def _adapter_grads(lt, pm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The A/B gradients of loratune's model and of PEFT's, in the same order (PEFT file keys)."""
@@ -360,12 +367,13 @@ def peak_step_memory_mb(step, model, batch) -> float | None:
 
 def bench_config(name: str, cfg: dict, args) -> dict:
     routes = routes_apply(args)
-    base, lt, pm, *routed = build_models(cfg, args, routed_floor=routes)
+    base, lt, pm, fused_floor, *routed = build_models(cfg, args, routed_floor=routes)
     vocab = base.config.vocab_size
     small = make_batch(args.batch, args.seq, vocab, device=args.device)
     same = check_same_function(lt, pm, small)
     steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
-             "loratune": (loratune_step, lt), "peft": (peft_step, pm)}
+             "floor_fused": (floor_chunked_step, fused_floor), "loratune": (loratune_step, lt),
+             "peft": (peft_step, pm)}
     if routes:
         steps["floor_onednn"] = (on_route(floor_chunked_step, "onednn"), routed[0])
         steps[f"loratune_{other_route()}"] = (on_route(loratune_step, other_route()), lt)
@@ -383,11 +391,12 @@ def bench_config(name: str, cfg: dict, args) -> dict:
     def ratio(a: str, b: str) -> float:
         return paired_ratio(times[a], times[b])
 
-    pairs = [("loratune", "floor"), ("loratune", "peft"), ("loratune", "floor_chunked"), ("peft", "floor")]
+    pairs = [("loratune", "floor"), ("loratune", "peft"), ("loratune", "floor_chunked"), ("peft", "floor"),
+             ("loratune", "floor_fused"), ("floor_fused", "floor_chunked"), ("floor_fused", "floor")]
     if routes:
-        pairs += [("loratune_onednn", "floor_onednn"), ("loratune_mkl", "floor_chunked"),
+        pairs += [("loratune_onednn", "floor_onednn"), ("loratune_mkl", "floor_fused"),
                   ("loratune_onednn", "floor"), ("loratune_onednn", "peft"), ("loratune_mkl", "floor"),
-                  ("loratune_mkl", "peft"), ("floor_onednn", "floor_chunked")]
+                  ("loratune_mkl", "peft"), ("floor_onednn", "floor_fused")]
     spread = [("loratune", "floor"), ("loratune", "peft")] + ([("loratune_onednn", "floor_onednn")] if routes else [])
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": same["loss_diff"],
@@ -398,14 +407,14 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         "quartiles": {f"{a}_over_{b}": ratio_spread(times[a], times[b]) for a, b in spread},
         "ratio_of_medians": {f"{a}_over_{b}": med[a] / med[b] for a, b in pairs[:2] + pairs[3:4]},
     }
-    del base, lt, pm, routed
+    del base, lt, pm, fused_floor, routed
     gc.collect()
     return out
 
 
 def memory_config(cfg: dict, args, with_floor: bool) -> dict:
     """Peak step memory of (floor,) loratune and PEFT at the large batch (run after all timings: see main)."""
-    base, lt, pm = build_models(cfg, args)
+    base, lt, pm, _ = build_models(cfg, args)
     big = make_batch(args.mem_batch, args.mem_seq, base.config.vocab_size, device=args.device)
     steps = {"loratune": (loratune_step, lt), "peft": (peft_step, pm)}
     if with_floor:  # the floor does not depend on the LoRA config
@@ -418,7 +427,7 @@ def memory_config(cfg: dict, args, with_floor: bool) -> dict:
 
 def bench_inference(cfg: dict, args) -> dict:
     """No-grad eval forward (logits) at the timing batch: base vs one unmerged adapter vs merged, medians."""
-    base, lt, _ = build_models(cfg, args)
+    base, lt, _, _ = build_models(cfg, args)
     base.eval(), lt.eval()
     input_ids, mask, _ = make_batch(args.batch, args.seq, base.config.vocab_size, device=args.device)
 
@@ -460,12 +469,14 @@ def bench_inference(cfg: dict, args) -> dict:
 
 def bench_attribution(args) -> dict:
     """Where loratune's time over the floor goes: all-linear at r=1 and r=16, dropout 0 and 0.05, against the
-    floor with the same (chunked) loss, interleaved, medians. r=1 vs r=16 separates the rank-proportional FLOPs
-    from per-module costs that do not depend on r; dropout 0 vs 0.05 gives the cost of dropout."""
-    from loratune import LoraConfig, get_lora_model
+    floor with the same loss and fused blocks (floor_fused), interleaved, medians. r=1 vs r=16 separates the
+    rank-proportional FLOPs from per-module costs that do not depend on r; dropout 0 vs 0.05 gives the cost of
+    dropout."""
+    from loratune import LoraConfig, blocks, get_lora_model
 
     base, *copies = base_models(5, args)
-    steps = {"floor_chunked": (floor_chunked_step, base)}
+    blocks.install(base)
+    steps = {"floor_fused": (floor_chunked_step, base)}
     for r in (1, 16):
         for p in (0.0, 0.05):
             torch.manual_seed(0)
@@ -481,19 +492,21 @@ def bench_attribution(args) -> dict:
             times[k].append(timed(*steps[k], batch, args.device, args.inner))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med,
-            "over_floor_chunked": {k: paired_ratio(v, times["floor_chunked"]) for k, v in times.items()}}
+            "over_floor_fused": {k: paired_ratio(v, times["floor_fused"]) for k, v in times.items()}}
 
 
 def print_table(results: list[dict]) -> None:
     """The medians (ms) and ratios per config; 'dnn' is loratune with the routing on, 'mkl' with it off (CPU only:
     a column whose contestant did not run is left out)."""
-    cols = [("floor ms", "floor"), ("fl_chk ms", "floor_chunked"), ("fl_dnn ms", "floor_onednn"),
+    cols = [("floor ms", "floor"), ("fl_chk ms", "floor_chunked"), ("fl_fus ms", "floor_fused"),
+            ("fl_dnn ms", "floor_onednn"),
             ("lt ms", "loratune"), ("peft ms", "peft")]
     ratios = [("lt/floor", "loratune_over_floor"), ("lt/peft", "loratune_over_peft"),
+              ("lt/fl_fus", "loratune_over_floor_fused"), ("fl_fus/fl", "floor_fused_over_floor"),
               ("dnn/fl", "loratune_onednn_over_floor"), ("dnn/peft", "loratune_onednn_over_peft"),
               ("mkl/fl", "loratune_mkl_over_floor"), ("mkl/peft", "loratune_mkl_over_peft"),
-              ("dnn/fl_dnn", "loratune_onednn_over_floor_onednn"), ("mkl/fl_chk", "loratune_mkl_over_floor_chunked"),
-              ("fl_dnn/fl_chk", "floor_onednn_over_floor_chunked"), ("peft/fl", "peft_over_floor")]
+              ("dnn/fl_dnn", "loratune_onednn_over_floor_onednn"), ("mkl/fl_fus", "loratune_mkl_over_floor_fused"),
+              ("fl_dnn/fl_fus", "floor_onednn_over_floor_fused"), ("peft/fl", "peft_over_floor")]
     first = results[0]
     shown = [(h, lambda r, k=k: 1e3 * r["median_s"][k]) for h, k in cols if k in first["median_s"]]
     shown += [(h, lambda r, k=k: r[k]) for h, k in ratios if k in first]
@@ -613,8 +626,8 @@ def main(argv=None) -> int:
                  f"{r['unmerged_onednn_over_base']:.3f}, on MKL /base {r['unmerged_mkl_over_base']:.3f}"
                  if r["default_route"] else ""), flush=True)
     attribution = bench_attribution(args) if args.attribution else {}
-    for k, v in attribution.get("over_floor_chunked", {}).items():
-        print(f"attribution {k:18s} {1e3 * attribution['median_s'][k]:.1f} ms  /floor_chunked {v:.3f}", flush=True)
+    for k, v in attribution.get("over_floor_fused", {}).items():
+        print(f"attribution {k:18s} {1e3 * attribution['median_s'][k]:.1f} ms  /floor_fused {v:.3f}", flush=True)
     if args.json:
         text = json.dumps({"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "device": args.device, "gpu": torch.cuda.get_device_name(device)
