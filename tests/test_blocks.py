@@ -84,6 +84,36 @@ def test_fallbacks_are_torchs_own_ops(native, monkeypatch):
     assert torch.equal(blocks.swiglu(a, b[:1]), F.silu(a) * b[:1])  # broadcasting: torch's ops
 
 
+def _registered():
+    return sorted(blocks.registry(), key=lambda t: t.__name__)
+
+
+@pytest.mark.parametrize("cls", _registered(), ids=lambda t: t.__name__)
+def test_each_registered_type_computes_what_its_fused_forward_assumes(cls, native):
+    """The registry's promise, checked against the installed transformers: each registered type's own forward
+    is what the fused one computes, values and input gradients (a changed upstream class would fail here)."""
+    import importlib
+
+    torch.manual_seed(0)
+    module_of = importlib.import_module(cls.__module__)
+    config_cls = next(v for k, v in vars(module_of).items() if k.endswith("Config") and isinstance(v, type))
+    config = config_cls(hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
+                        rms_norm_eps=1e-5, hidden_act="silu")
+    module = cls(48, eps=1e-5) if "RMSNorm" in cls.__name__ else cls(config)
+    for p in module.parameters():
+        if p.dim() == 1:  # a norm weight: ones would hide a weight applied wrongly
+            p.data.uniform_(0.5, 1.5)
+    module.requires_grad_(False)
+    fused_module = copy.deepcopy(module)
+    assert blocks.install(fused_module) == 1
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    xf = x.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 5, 48)
+    y, yf = module(x), fused_module(xf)
+    y.backward(g), yf.backward(g)
+    assert rel_err(yf, y) < 1e-6 and rel_err(xf.grad, x.grad) < 1e-5
+
+
 def test_reference_is_transformers_rms_norm():
     torch.manual_seed(0)
     norm = LlamaRMSNorm(40, eps=1e-5)
