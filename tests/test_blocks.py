@@ -190,3 +190,14 @@ def test_lora_model_installs_and_unwrapping_removes(native):
     assert not any("forward" in m.__dict__ for m in merged.modules())
     assert rel_err(merged(input_ids=x).logits, twin(input_ids=x).logits) < 1e-5
     assert torch.equal(twin.unload()(input_ids=x).logits, stock(input_ids=x).logits)  # stock again
+
+
+def test_without_a_compiler_the_blocks_warn_once_and_run_torchs_ops(monkeypatch, tmp_path):
+    monkeypatch.setattr(blocks.LIBRARY, "lib", False)  # not tried yet
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    a, b = torch.randn(5, 9), torch.randn(5, 9)
+    with pytest.warns(RuntimeWarning, match="blocks kernel could not be built.*RMSNorm and SwiGLU as torch ops"):
+        h = blocks.swiglu(a, b)
+    assert torch.equal(h, F.silu(a) * b) and blocks.LIBRARY.get() is None  # decided once
+    assert not list(tmp_path.rglob("*.so*"))

@@ -20,7 +20,8 @@ matmul. Here:
   frozen weight's gradient.
 
 The math is the reference's (tests/test_fused.py checks values and gradients against it); ``enabled(False)`` or
-``LORATUNE_FUSED=0`` forces the reference path everywhere.
+``LORATUNE_FUSED=0`` forces the reference path everywhere (and the modules' own forwards for the fused blocks of
+``blocks.py``).
 """
 
 from __future__ import annotations
