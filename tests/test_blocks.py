@@ -96,7 +96,7 @@ def test_each_registered_type_computes_what_its_fused_forward_assumes(cls, nativ
 
     torch.manual_seed(0)
     module_of = importlib.import_module(cls.__module__)
-    config_cls = next(v for k, v in vars(module_of).items() if k.endswith("Config") and isinstance(v, type))
+    config_cls = getattr(module_of, cls.__name__.removesuffix("RMSNorm").removesuffix("MLP") + "Config")
     config = config_cls(hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
                         rms_norm_eps=1e-5, hidden_act="silu")
     module = cls(48, eps=1e-5) if "RMSNorm" in cls.__name__ else cls(config)

@@ -17,6 +17,7 @@ float64 references.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,18 +136,24 @@ def _silu_mlp(module: nn.Module) -> bool:
     return isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation))
 
 
+# transformers model families whose <Prefix>RMSNorm and <Prefix>MLP are Llama's (tests/test_blocks.py checks each
+# against the installed transformers).
+_FAMILIES = (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"),
+             ("smollm3", "SmolLM3"))
+
+
+@functools.cache
 def registry() -> dict[type, tuple[Callable, Callable[[nn.Module], bool]]]:
     """Module type → (fused forward, whether an instance qualifies). These types' forwards are exactly
     ``rms_norm_reference`` and ``down(act(gate(x)) ⊙ up(x))`` in the transformers versions loratune supports."""
-    from transformers.models.llama import modeling_llama as llama
-    from transformers.models.mistral import modeling_mistral as mistral
-    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+    import importlib
 
     def always(module: nn.Module) -> bool:
         return True
 
     out: dict[type, tuple[Callable, Callable[[nn.Module], bool]]] = {}
-    for mod, prefix in ((llama, "Llama"), (mistral, "Mistral"), (qwen2, "Qwen2")):
+    for family, prefix in _FAMILIES:
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         out[getattr(mod, f"{prefix}RMSNorm")] = (_norm_forward, always)
         out[getattr(mod, f"{prefix}MLP")] = (_mlp_forward, _silu_mlp)
     return out
