@@ -91,6 +91,7 @@ class Kernel:
             return self.lib
         with self._lock:
             if self.lib is False:
+                self.lib = None  # decided once: should loading raise, no later call tries again
                 self.lib = self._load()
             return self.lib
 
