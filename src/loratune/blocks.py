@@ -43,11 +43,12 @@ LIBRARY = native.Kernel(Path(__file__).with_name("blocks_kernel.c"), _declare,
                         without="with RMSNorm and SwiGLU as torch ops")
 
 
-def _kernel_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The kernel, if it applies to these tensors (float32 on CPU) and the fast path is on; else None."""
+def _kernel_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel is built and applies to these tensors (float32 on CPU), with the fast path on (the
+    Functions below then call ``LIBRARY.lib``)."""
     if not fused.is_enabled() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    return LIBRARY.get()
+        return False
+    return LIBRARY.get() is not None
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------------------------
@@ -61,14 +62,13 @@ class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a frozen weight: saves x and one scalar per row; the backward is the input gradient only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
         d = x.shape[-1]
         y, r = torch.empty_like(x), x.new_empty(x.numel() // d)  # y: x.shape; r: (rows,)
-        lib.lt_rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), r.numel(), d, eps,
+        LIBRARY.lib.lt_rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), r.numel(), d, eps,
                             LIBRARY.threads())
         ctx.save_for_backward(x, weight, r)
-        ctx.lib = lib
         return y
 
     @staticmethod
@@ -76,18 +76,18 @@ class _RMSNormFunction(torch.autograd.Function):
         x, weight, r = ctx.saved_tensors
         g = g.contiguous()
         gx = torch.empty_like(x)
-        ctx.lib.lt_rms_norm_bwd(g.data_ptr(), x.data_ptr(), weight.data_ptr(), r.data_ptr(), gx.data_ptr(),
-                                r.numel(), x.shape[-1], LIBRARY.threads())
-        return gx, None, None, None
+        LIBRARY.lib.lt_rms_norm_bwd(g.data_ptr(), x.data_ptr(), weight.data_ptr(), r.data_ptr(), gx.data_ptr(),
+                                    r.numel(), x.shape[-1], LIBRARY.threads())
+        return gx, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x's last dimension: the fused kernel where it applies (weight frozen and contiguous), else
     ``rms_norm_reference``."""
-    lib = _kernel_for(x, weight)
-    if lib is None or weight.requires_grad or weight.dim() != 1 or not weight.is_contiguous() or x.numel() == 0:
+    if (not _kernel_applies(x, weight) or weight.requires_grad or weight.dim() != 1 or not weight.is_contiguous()
+            or x.numel() == 0):
         return rms_norm_reference(x, weight, eps)
-    return _RMSNormFunction.apply(x, weight, float(eps), lib)
+    return _RMSNormFunction.apply(x, weight, float(eps))
 
 
 # --- SwiGLU ------------------------------------------------------------------------------------------------------
@@ -95,12 +95,11 @@ class _SwiGLUFunction(torch.autograd.Function):
     """silu(a) ⊙ b: saves a and b (torch's ops also save silu(a)); one pass each way."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = a.contiguous(), b.contiguous()
         h = torch.empty_like(a)
-        lib.lt_swiglu_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.numel(), LIBRARY.threads())
+        LIBRARY.lib.lt_swiglu_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.numel(), LIBRARY.threads())
         ctx.save_for_backward(a, b)
-        ctx.lib = lib
         return h
 
     @staticmethod
@@ -108,17 +107,16 @@ class _SwiGLUFunction(torch.autograd.Function):
         a, b = ctx.saved_tensors
         gh = gh.contiguous()
         ga, gb = torch.empty_like(a), torch.empty_like(b)
-        ctx.lib.lt_swiglu_bwd(gh.data_ptr(), a.data_ptr(), b.data_ptr(), ga.data_ptr(), gb.data_ptr(), a.numel(),
-                              LIBRARY.threads())
-        return ga, gb, None
+        LIBRARY.lib.lt_swiglu_bwd(gh.data_ptr(), a.data_ptr(), b.data_ptr(), ga.data_ptr(), gb.data_ptr(),
+                                  a.numel(), LIBRARY.threads())
+        return ga, gb
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) ⊙ b: the fused kernel where it applies (same shapes), else torch's ops."""
-    lib = _kernel_for(a, b)
-    if lib is None or a.shape != b.shape:
+    if not _kernel_applies(a, b) or a.shape != b.shape:
         return F.silu(a) * b
-    return _SwiGLUFunction.apply(a, b, lib)
+    return _SwiGLUFunction.apply(a, b)
 
 
 # --- modules -----------------------------------------------------------------------------------------------------
