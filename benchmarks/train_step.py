@@ -246,6 +246,7 @@ def build_models(cfg: dict, args, routed_floor: bool = False):
         return base, lt, pm, fused_floor, route_frozen_linears(rest[0], targets)
     return base, lt, pm, fused_floor
 
+
 def _adapter_grads(lt, pm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The A/B gradients of loratune's model and of PEFT's, in the same order (PEFT file keys)."""
     from loratune.io import adapter_tensors
