@@ -124,6 +124,19 @@ def test_eval_and_no_grad_use_no_dropout_and_match(record_masks):
     assert record_masks == []
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_forward_matches_float64(base_dtype):
+    """The no-grad path (base product first, LoRA term added into it; a half base takes the training order) is the
+    same function: fp32 within 1e-5 of float64, a half base within its epsilon, bias included."""
+    x, W, b, A, B = (t.detach() for t in _tensors(torch.float32, n_in=64, n_out=48, r=8, lead=(5, 9)))
+    x, W, b = x.to(base_dtype), W.to(base_dtype), b.to(base_dtype)
+    with torch.no_grad():
+        out = fused.lora_linear(x, W, b, A, B, 0.75, 0.1, training=False)
+    ref = _reference(x.double(), W.double(), b.double(), A.double(), B.double(), 0.75)
+    assert out.dtype == base_dtype
+    assert rel_err(out, ref) <= (1e-5 if base_dtype == torch.float32 else torch.finfo(base_dtype).eps)
+
+
 def test_only_needed_gradients_are_computed():
     x, W, b, A, B = _tensors(torch.float32)
     x = x.detach()

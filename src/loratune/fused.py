@@ -173,6 +173,18 @@ def _forward(x2, xd, weight, bias, A, B, s):
     return gemm.linear(x2, weight, bias, other=gemm.linear(us, B).to(x2.dtype)), us
 
 
+def _no_grad_forward(x2, xd, weight, bias, A, B, s):
+    """``_forward``'s output where no backward can come: the base product first, then the thin LoRA product added
+    into it in place. Without a backward the order is free, and the two orders measure differently on the AVX2 VM
+    (exploratory, interleaved): no-grad forwards of the all-linear model took 0.980, 0.991 and 0.988× as long this
+    way (30-60 forwards each), and training steps 1.019 and 1.020× as long (16 steps each), so each path keeps its
+    faster order. On a half-precision base the LoRA term is fp32 and is rounded once, into the output, by
+    ``_forward``."""
+    if xd.dtype != x2.dtype:
+        return _forward(x2, xd, weight, bias, A, B, s)[0]
+    return gemm.linear(gemm.linear(xd, A, scale=s), B, other=gemm.linear(x2, weight, bias))
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x⊙m)·Aᵀ·Bᵀ for 2-D x, W frozen, m a dropout draw or None. ``s`` includes 1/(1-p).
 
@@ -243,5 +255,5 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                     or (bias is not None and bias.requires_grad)):
         out = LoraLinearFunction.apply(x2, xd, weight, bias, A, B, s, draw, x._base is not None)
     else:  # nothing here needs a gradient: the plain forward
-        out = _forward(x2, xd, weight, bias, A, B, s)[0]
+        out = _no_grad_forward(x2, xd, weight, bias, A, B, s)
     return out.view(*x.shape[:-1], out.shape[-1])
