@@ -1,6 +1,7 @@
 /* This CPU's fp32 FMA peak, for benchmarks/gemm_ceiling.py: each thread runs ten independent chains of 8-wide fused
  * multiply-adds (enough to cover the FMA latency on every x86 core since Haswell), so the loop is bound by FMA
- * throughput alone. Each chain has its own inputs, so the compiler cannot merge them. */
+ * throughput alone. Each chain starts from its own value, so the compiler cannot merge them (the tests check
+ * that the result is that of every chain run for every iteration). */
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
