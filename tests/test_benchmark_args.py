@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "train_step", Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py")
-train_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_step)
+from conftest import load_benchmark
+
+train_step = load_benchmark("train_step")
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -152,10 +148,7 @@ def test_the_device_check_compares_with_float64():
     right, large where it is not."""
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "check_fused_device", Path(__file__).resolve().parents[1] / "benchmarks" / "check_fused_device.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = load_benchmark("check_fused_device")
     small = dict(tokens=64, n_in=32, n_out=48, r=4)
     fp32 = check.check("cpu", torch.float32, 0.05, seed=0, **small)
     bf16 = check.check("cpu", torch.bfloat16, 0.05, seed=0, **small)

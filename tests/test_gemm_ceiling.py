@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "gemm_ceiling", Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_ceiling.py")
-gemm_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gemm_ceiling)
+from conftest import load_benchmark
+
+gemm_ceiling = load_benchmark("gemm_ceiling")
 
 
 def _lib():

@@ -67,7 +67,7 @@ class _RMSNormFunction(torch.autograd.Function):
         d = x.shape[-1]
         y, r = torch.empty_like(x), x.new_empty(x.numel() // d)  # y: x.shape; r: (rows,)
         LIBRARY.lib.lt_rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), r.numel(), d, eps,
-                            LIBRARY.threads())
+                                    LIBRARY.threads())
         ctx.save_for_backward(x, weight, r)
         return y
 
