@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune import LoraConfig, fused, gemm, get_lora_model
+from loratune import LoraConfig, fused, gemm, get_lora_model, thin
 from loratune import dropout as seeded
 from loratune import functional as LF
 from loratune.layers import BASE, Conv1DLora, LinearLora
@@ -25,6 +25,18 @@ def gemm_route(request, monkeypatch):
     monkeypatch.setattr(gemm, "MIN_MACS", 0)  # the tests' tiny products would otherwise stay on torch.mm
     with gemm.use_onednn(request.param == "onednn"):
         yield request.param
+
+
+@pytest.fixture(autouse=True, params=["thin_kernel", "thin_blas"])
+def thin_route(request, monkeypatch):
+    """Every test here runs with the rank-r products on the compiled thin kernel (forced on, whatever this CPU's
+    default) and again on the matrix libraries (thin.py): both must be exact."""
+    monkeypatch.setattr(thin, "_MODE", "1")
+    before = thin.use_kernel(request.param == "thin_kernel")
+    if request.param == "thin_kernel":
+        assert thin.LIBRARY.get() is not None, "the thin kernel did not build on this machine"
+    yield request.param
+    thin.use_kernel(before)
 
 
 @pytest.fixture(params=["native", "numpy"])

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 
 from . import dropout as seeded
-from . import gemm
+from . import gemm, thin
 
 _state = threading.local()
 _ENABLED = os.environ.get("LORATUNE_FUSED", "1") != "0"
@@ -164,25 +164,30 @@ def clear_mask_cache() -> None:
 def _forward(x2, xd, weight, bias, A, B, s):
     """Base output plus the LoRA term; returns (out, us) where us = s·xd·Aᵀ is tokens × r.
 
-    The thin LoRA product is computed first and the base product adds it as it writes its output, instead of a
-    second full pass over the output. The scalar goes on the tokens × r factor (the GEMM's alpha), where it costs
-    nothing and makes B's gradient simply gᵀ·us. xd is in the adapters' dtype: on a half-precision base with fp32
-    adapters (loratune's and PEFT's default) the LoRA products run in fp32, as PEFT's do, and the term is rounded
-    once, into the base's output."""
-    us = gemm.linear(xd, A, scale=s)
-    return gemm.linear(x2, weight, bias, other=gemm.linear(us, B).to(x2.dtype)), us
+    The scalar goes on the tokens × r factor, where it costs nothing and makes B's gradient simply gᵀ·us. xd is in
+    the adapters' dtype: on a half-precision base with fp32 adapters (loratune's and PEFT's default) the LoRA
+    products run in fp32, as PEFT's do, and the term is rounded once, into the base's output. Where the thin
+    kernel applies (fp32 on CPU, ``thin.py``), the base product writes its output and the kernel adds the term into
+    it as it computes it; elsewhere the term comes first and the base product adds it as it writes its output
+    (oneDNN's add post-op, or ``addmm_`` into the term). Either way no tokens × out temporary is made."""
+    us = thin.project(xd, A.t(), s)
+    if _base_first(x2, weight, us):
+        return thin.expand(us, B.t(), out=gemm.linear(x2, weight, bias), accumulate=True), us
+    return gemm.linear(x2, weight, bias, other=thin.expand(us, B.t()).to(x2.dtype)), us
+
+
+def _base_first(x2: torch.Tensor, weight: torch.Tensor, lora: torch.Tensor) -> bool:
+    """Whether the base product x2·weightᵀ goes first and the thin kernel adds the LoRA term (computed from the
+    tokens × r ``lora``) into its output: where the kernel applies and the base product runs on oneDNN, which writes
+    a new output either way. On torch.mm (MKL) the term goes first and ``addmm_`` accumulates into it, which saves
+    that new output's allocation (in-step A/Bs on the AVX-512 machine, exploratory: base-first 0.985-0.996× with
+    oneDNN, 1.007× with MKL)."""
+    return lora.dtype == x2.dtype and gemm.routed(x2, weight) and thin.applies(x2, lora)
 
 
 def _no_grad_forward(x2, xd, weight, bias, A, B, s):
-    """``_forward``'s output where no backward can come: the base product first, then the thin LoRA product added
-    into it in place. Without a backward the order is free, and the two orders measure differently on the AVX2 VM
-    (exploratory, interleaved): no-grad forwards of the all-linear model took 0.980, 0.991 and 0.988× as long this
-    way (30-60 forwards each), and training steps 1.019 and 1.020× as long (16 steps each), so each path keeps its
-    faster order. On a half-precision base the LoRA term is fp32 and is rounded once, into the output, by
-    ``_forward``."""
-    if xd.dtype != x2.dtype:
-        return _forward(x2, xd, weight, bias, A, B, s)[0]
-    return gemm.linear(gemm.linear(xd, A, scale=s), B, other=gemm.linear(x2, weight, bias))
+    """``_forward``'s output where no backward can come (us is not kept)."""
+    return _forward(x2, xd, weight, bias, A, B, s)[0]
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -214,12 +219,21 @@ class LoraLinearFunction(torch.autograd.Function):
         ga = g.to(A.dtype)  # the LoRA products in the adapters' precision (a no-op unless the base is half)
         need_x, _, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         grad_x = grad_bias = grad_A = grad_B = None
-        gu = gemm.linear(ga, B.t(), scale=s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
-        if need_x:
-            lora_gx = gemm.linear(gu, A.t())  # tokens × in through the rank-r bottleneck, not an out × in matrix
-            if draw is not None:
-                draw.apply(lora_gx, lora_gx, drop)  # in place: no second tokens × in buffer
-            grad_x = gemm.linear(g, weight.t(), other=lora_gx.to(g.dtype))  # + g·W: the base's input gradient
+        gu = thin.project(ga, B, s) if (need_x or need_A) else None  # tokens × r: ∂L/∂(xd·Aᵀ)
+        if need_x:  # tokens × in through the rank-r bottleneck, not an out × in matrix
+            seeded_mask = draw is None or draw.seed is not None
+            keep = None if draw is None else (draw.seed, draw.p)
+            if seeded_mask and _base_first(g, weight.t(), gu):
+                # the base's input gradient g·W, then keep ⊙ (gu·A) added into it by the kernel as it computes it
+                grad_x = thin.expand(gu, A, out=gemm.linear(g, weight.t()), accumulate=True, keep=keep)
+            elif seeded_mask and thin.applies(g, gu) and ga is g:
+                # keep ⊙ (gu·A) from the kernel, then g·W accumulated into it (addmm_)
+                grad_x = gemm.linear(g, weight.t(), other=thin.expand(gu, A, keep=keep))
+            else:
+                lora_gx = thin.expand(gu, A)
+                if draw is not None:
+                    draw.apply(lora_gx, lora_gx, drop)  # in place: no second tokens × in buffer
+                grad_x = gemm.linear(g, weight.t(), other=lora_gx.to(g.dtype))  # + g·W, as it is written
         if need_A:
             if ctx.rebuild:  # saved x: x⊙m again (the same bits from the draw's seed, or its saved mask), cast
                 if xd.dtype == A.dtype:
@@ -228,9 +242,9 @@ class LoraLinearFunction(torch.autograd.Function):
                     xd = xd.to(A.dtype, memory_format=torch.contiguous_format)
                     if draw is not None:
                         draw.apply(xd, xd, drop)
-            grad_A = gemm.linear(gu.t(), xd.t())
-        if need_B:  # torch.mm, not gemm.linear: oneDNN ran this reduction over tokens 2.5-4× slower than MKL
-            grad_B = ga.t().mm(us)
+            grad_A = thin.outer(xd, gu).t()  # (xdᵀ·gu)ᵀ: the kernel's orientation, a view in A's shape
+        if need_B:
+            grad_B = thin.outer(ga, us)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         return grad_x, None, None, grad_bias, grad_A, grad_B, None, None, None

@@ -1,8 +1,9 @@
 """Small C kernels compiled on first use with the system's C compiler, cached per machine, loaded with ctypes.
 
-A kernel is a single C file shipped in the package. It is built with ``-march=native`` and OpenMP where those work
-(flags tried in order), written to ``$LORATUNE_CACHE/kernels/<stem>-<hash>.so`` atomically (temp file + rename),
-the hash covering the source, the compiler, the flags and the CPU. Every caller has a pure-torch or numpy path, so
+A kernel is a C file shipped in the package, with the local headers it includes. It is built with
+``-march=native`` and OpenMP where those work (flags tried in order), written to
+``$LORATUNE_CACHE/kernels/<stem>-<hash>.so`` atomically (temp file + rename), the hash covering the source and its
+headers, the compiler, the flags and the CPU. Every caller has a pure-torch or numpy path, so
 where no compiler works a kernel is ``None`` with one warning, and ``LORATUNE_NATIVE=0`` forces that.
 """
 
@@ -12,6 +13,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -43,6 +45,13 @@ def _one_openmp_runtime() -> bool:
             return len({line.split()[-1] for line in f if "libgomp" in line}) == 1
     except OSError:
         return False
+
+
+def _source_text(source: Path) -> bytes:
+    """The source and the local headers it includes (``#include "x.h"``, next to it): what a build depends on."""
+    text = source.read_bytes()
+    headers = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join((source.parent / h.decode()).read_bytes() for h in headers)
 
 
 def _compile(cc: str, source: Path, target: Path) -> None:
@@ -101,7 +110,7 @@ class Kernel:
         from .base_models import cache_dir
 
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        key = hashlib.sha256(self.source.read_bytes() + repr((cc, _FLAGS, _cpu_identity())).encode()).hexdigest()
+        key = hashlib.sha256(_source_text(self.source) + repr((cc, _FLAGS, _cpu_identity())).encode()).hexdigest()
         stem = self.source.stem.removesuffix("_kernel")
         target = cache_dir() / "kernels" / f"{stem}-{key[:16]}.so"
         what = f"the {stem} kernel"
