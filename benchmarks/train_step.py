@@ -17,6 +17,8 @@ routing's share both stay visible, more contestants are timed:
                    (on MKL, loratune_mkl/floor_fused is);
 * loratune_onednn, loratune_mkl: loratune's step with the routing forced on and off (``LORATUNE_ONEDNN=1``/``0``).
                    One of them is what this CPU runs by default, i.e. "loratune", and is not timed twice.
+* loratune_no_thin: loratune with its rank-r products on the matrix libraries instead of its thin kernel
+                   (``thin.py``), timed where the kernel is on by default (AVX-512 builds).
 
 The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
 repeats of the ratio within each repeat: on a shared 2-core VM the speed drifts by ±10 % over tens of seconds,
@@ -100,6 +102,28 @@ def loratune_step(model, batch):
 
     input_ids, mask, labels = batch
     causal_lm_loss(model, input_ids, mask, labels).backward()
+
+
+def thin_on_by_default(args) -> bool:
+    """Whether loratune's rank-r products run on its thin kernel here by default (thin.py: AVX-512 builds)."""
+    from loratune import thin
+
+    probe = torch.empty(2, 2)
+    return torch.device(args.device).type == "cpu" and thin.applies(probe, probe)
+
+
+def without_thin_kernel(fn):
+    """``fn`` with loratune's rank-r products on the matrix libraries instead of the thin kernel
+    (``loratune_no_thin``: what the kernel saves, in the same run)."""
+    def run(*args):
+        from loratune import thin
+
+        before = thin.use_kernel(False)
+        try:
+            return fn(*args)
+        finally:
+            thin.use_kernel(before)
+    return run
 
 
 def on_route(fn, route: str):
@@ -378,6 +402,8 @@ def bench_config(name: str, cfg: dict, args) -> dict:
     if routes:
         steps["floor_onednn"] = (on_route(floor_chunked_step, "onednn"), routed[0])
         steps[f"loratune_{other_route()}"] = (on_route(loratune_step, other_route()), lt)
+    if thin_on_by_default(args):
+        steps["loratune_no_thin"] = (without_thin_kernel(loratune_step), lt)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
         timed(step, model, small, args.device, args.inner)
@@ -398,6 +424,8 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         pairs += [("loratune_onednn", "floor_onednn"), ("loratune_mkl", "floor_fused"),
                   ("loratune_onednn", "floor"), ("loratune_onednn", "peft"), ("loratune_mkl", "floor"),
                   ("loratune_mkl", "peft"), ("floor_onednn", "floor_fused")]
+    if "loratune_no_thin" in steps:
+        pairs += [("loratune", "loratune_no_thin"), ("loratune_no_thin", "floor_onednn" if routes else "floor_fused")]
     spread = [("loratune", "floor"), ("loratune", "peft")] + ([("loratune_onednn", "floor_onednn")] if routes else [])
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": same["loss_diff"],
