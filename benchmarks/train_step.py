@@ -105,11 +105,13 @@ def loratune_step(model, batch):
 
 
 def thin_on_by_default(args) -> bool:
-    """Whether loratune's rank-r products run on its thin kernel here by default (thin.py: AVX-512 builds)."""
+    """Whether loratune's rank-r products run on its thin kernel here by default, for any of the configs' ranks
+    (thin.py: AVX-512 builds, ranks of whole vectors)."""
     from loratune import thin
 
     probe = torch.empty(2, 2)
-    return torch.device(args.device).type == "cpu" and thin.applies(probe, probe)
+    ranks = {CONFIGS[name]["r"] for name in args.configs}
+    return torch.device(args.device).type == "cpu" and any(thin.applies(probe, probe, r) for r in ranks)
 
 
 def without_thin_kernel(fn):

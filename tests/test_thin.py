@@ -31,7 +31,7 @@ def _mk(*shape, seed=0):
 def test_products_match_float64(T, d, r, route):
     x, mt, u, m = _mk(T, d, seed=1), _mk(d, r, seed=2), _mk(T, r, seed=3), _mk(r, d, seed=4)
     D = torch.Tensor.double
-    assert thin.applies(x, mt) == (route == "kernel")
+    assert thin.applies(x, mt, r) == (route == "kernel")
     assert rel_err(thin.project(x, mt, 2.0), 2 * D(x) @ D(mt)) <= 1e-5
     assert rel_err(thin.project(x, m.t(), 0.5), 0.5 * D(x) @ D(m).t()) <= 1e-5  # a transposed (strided) operand
     assert rel_err(thin.outer(x, u, 0.25), 0.25 * D(x).t() @ D(u)) <= 1e-5
@@ -71,15 +71,17 @@ def test_bad_out_is_refused():
         thin.expand(u, m, out=torch.empty(6, 4).t())
 
 
-def test_default_is_on_for_avx512_builds_only(monkeypatch):
+def test_default_is_on_for_avx512_builds_and_whole_vector_ranks_only(monkeypatch):
     lib = thin.LIBRARY.get()
     assert lib is not None
     monkeypatch.setattr(thin, "_MODE", "auto")
-    assert thin._wide_enough(lib) == (lib.lt_thin_lanes() >= 16)
+    wide = lib.lt_thin_lanes() >= 16
+    assert thin._wide_enough(lib, 16) == thin._wide_enough(lib, 32) == wide
+    assert not thin._wide_enough(lib, 8)  # padded to 16 lanes: half the work on zeros
     monkeypatch.setattr(thin, "_MODE", "0")
-    assert not thin._wide_enough(lib)
+    assert not thin._wide_enough(lib, 16)
     monkeypatch.setattr(thin, "_MODE", "1")
-    assert thin._wide_enough(lib)
+    assert thin._wide_enough(lib, 8) and thin._wide_enough(lib, 16)
 
 
 @pytest.mark.parametrize("onednn", [True, False])

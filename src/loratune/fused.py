@@ -182,7 +182,7 @@ def _base_first(x2: torch.Tensor, weight: torch.Tensor, lora: torch.Tensor) -> b
     a new output either way. On torch.mm (MKL) the term goes first and ``addmm_`` accumulates into it, which saves
     that new output's allocation (in-step A/Bs on the AVX-512 machine, exploratory: base-first 0.985-0.996× with
     oneDNN, 1.007× with MKL)."""
-    return lora.dtype == x2.dtype and gemm.routed(x2, weight) and thin.applies(x2, lora)
+    return lora.dtype == x2.dtype and gemm.routed(x2, weight) and thin.applies(x2, lora, lora.shape[1])
 
 
 def _no_grad_forward(x2, xd, weight, bias, A, B, s):
@@ -226,7 +226,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if seeded_mask and _base_first(g, weight.t(), gu):
                 # the base's input gradient g·W, then keep ⊙ (gu·A) added into it by the kernel as it computes it
                 grad_x = thin.expand(gu, A, out=gemm.linear(g, weight.t()), accumulate=True, keep=keep)
-            elif seeded_mask and thin.applies(g, gu) and ga is g:
+            elif seeded_mask and thin.applies(g, gu, gu.shape[1]) and ga is g:
                 # keep ⊙ (gu·A) from the kernel, then g·W accumulated into it (addmm_)
                 grad_x = gemm.linear(g, weight.t(), other=thin.expand(gu, A, keep=keep))
             else:

@@ -12,7 +12,7 @@ The three shapes (``T`` tokens, ``d`` features, ``r`` the rank):
 * ``expand(u, m, s)``    = s·u·m,    (T×r)·(r×d) -> T×d
 * ``outer(x, u, s)``     = s·xᵀ·u,   (d×T)·(T×r) -> d×r
 
-Each takes the kernel for float32 CPU tensors where it is built and on (by default where it was built for AVX-512,
+Each takes the kernel for float32 CPU tensors where it is built and on (by default: an AVX-512 build, r = 16, 32, …,
 ``_wide_enough``), and otherwise ``gemm.linear`` or ``torch.mm``, as before the kernel existed; tests/test_thin.py
 checks both against float64. ``expand(..., keep=)`` applies a seeded dropout mask as it writes, and with
 ``out=, accumulate=True`` it adds into a given tensor: where the base product runs on oneDNN, the fused path adds
@@ -57,26 +57,31 @@ def use_kernel(flag: bool = True) -> bool:
     return before
 
 
-def _wide_enough(lib: ctypes.CDLL) -> bool:
-    """Whether the built kernel should take the products by default: where it was built for AVX-512 (16 lanes), the
-    whole training step took 0.96-0.97× as long with it as with oneDNN's products (in-step A/Bs, exploratory); an
-    AVX2 build, run against MKL on the same machine, took 0.975-1.010× as long, no clear gain, so there it is off
-    unless ``LORATUNE_THIN=1``. ``LORATUNE_THIN=0`` turns it off everywhere."""
+def _wide_enough(lib: ctypes.CDLL, rank: int) -> bool:
+    """Whether the built kernel should take rank-``rank`` products by default.
+
+    Where it was built for AVX-512 (16 lanes) and the rank fills whole vectors: the whole training step took
+    0.96-0.98× as long with it as with oneDNN's products at r = 16 (in-step A/Bs and the 2026-12-01 h benchmark run
+    on the Zen 5 VM). At r = 8, padded to 16 lanes, half of its multiply-adds are on zeros, and the q,v r8 step took
+    1.025× as long, so other ranks stay on the matrix libraries. An AVX2 build, run against MKL on the same CPU,
+    took 0.975-1.010× as long, no clear gain, so without AVX-512 it is off. ``LORATUNE_THIN=1`` forces it on for
+    every rank, ``LORATUNE_THIN=0`` off everywhere."""
     if _MODE in ("0", "off", "false"):
         return False
-    return _MODE in ("1", "on", "true") or lib.lt_thin_lanes() >= 16
+    lanes = lib.lt_thin_lanes()
+    return _MODE in ("1", "on", "true") or (lanes >= 16 and rank % lanes == 0)
 
 
-def applies(big: torch.Tensor, small: torch.Tensor) -> bool:
-    """Whether the kernel takes a product of these 2-D tensors: both float32 on the CPU, ``big`` (the tokens-long
-    one) in rows of unit stride (``small``, r wide, is copied where it is not contiguous), the kernel built and on
-    (``use_kernel``, ``LORATUNE_THIN``)."""
+def applies(big: torch.Tensor, small: torch.Tensor, rank: int) -> bool:
+    """Whether the kernel takes a rank-``rank`` product of these 2-D tensors: both float32 on the CPU, ``big`` (the
+    tokens-long one) in rows of unit stride (``small``, r wide, is copied where it is not contiguous), the kernel
+    built and on (``use_kernel``, ``LORATUNE_THIN``, ``_wide_enough``)."""
     if not _enabled or big.stride(1) != 1:
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (big, small)):
         return False
     lib = LIBRARY.get()
-    return lib is not None and _wide_enough(lib)
+    return lib is not None and _wide_enough(lib, rank)
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +94,7 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
 
 def project(x: torch.Tensor, mt: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """scale·x·mt for x (T, d) and mt (d, r): a new contiguous (T, r) tensor."""
-    if not applies(x, mt):
+    if not applies(x, mt, mt.shape[1]):
         return gemm.linear(x, mt.t(), scale=scale)
     (T, d), r = x.shape, mt.shape[1]
     mt = _padded(mt)
@@ -101,7 +106,7 @@ def project(x: torch.Tensor, mt: torch.Tensor, scale: float = 1.0) -> torch.Tens
 
 def outer(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """scale·xᵀ·u for x (T, d) and u (T, r): a new contiguous (d, r) tensor."""
-    if not applies(x, u):
+    if not applies(x, u, u.shape[1]):
         return x.t().mm(u) if scale == 1 else torch.mm(x.t(), u).mul_(scale)
     (T, d), r = x.shape, u.shape[1]
     u = _padded(u)
@@ -122,7 +127,7 @@ def expand(u: torch.Tensor, m: torch.Tensor, scale: float = 1.0, out: torch.Tens
     if out is not None and (out.shape != (u.shape[0], m.shape[1]) or not out.is_contiguous()):
         raise ValueError(f"expand: out must be a contiguous ({u.shape[0]}, {m.shape[1]}) tensor, got "
                          f"{tuple(out.shape)} with strides {out.stride()}")
-    if not (applies(u.contiguous(), m) and (out is None or out.dtype == torch.float32)):
+    if not (applies(u.contiguous(), m, u.shape[1]) and (out is None or out.dtype == torch.float32)):
         res = gemm.linear(u, m.t(), scale=scale)
         if keep is not None:
             res = seeded.apply_mask(res, *keep, out=res)
