@@ -121,3 +121,11 @@ def test_a_header_change_rebuilds_the_kernel(tmp_path):
     (tmp_path / "m.h").write_text("#define M 2\n")
     assert native._source_text(tmp_path / "k.c") != before
     assert b"dropout_mask" in native._source_text(thin.LIBRARY.source)
+
+
+def test_an_unknown_env_value_warns_and_falls_back_to_auto(monkeypatch):
+    monkeypatch.setenv("LORATUNE_THIN", "maybe")
+    with pytest.warns(UserWarning, match="LORATUNE_THIN='maybe' is not understood"):
+        assert thin._mode_from_env() == "auto"
+    monkeypatch.setenv("LORATUNE_THIN", "0")
+    assert thin._mode_from_env() == "0"

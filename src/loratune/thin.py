@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,19 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 LIBRARY = native.Kernel(Path(__file__).with_name("thin_kernel.c"), _declare,
                         without="with the rank-r products on torch's matrix library")
-_MODE = os.environ.get("LORATUNE_THIN", "auto").strip().lower()  # "auto": AVX-512 builds only; "1" / "0": force
+
+
+def _mode_from_env() -> str:
+    """LORATUNE_THIN: "auto" (unset; see ``_wide_enough``), "1" (on for every rank) or "0" (off)."""
+    value = os.environ.get("LORATUNE_THIN", "").strip().lower()
+    if value in ("", "auto", "1", "on", "true", "0", "off", "false"):
+        return value or "auto"
+    warnings.warn(f"LORATUNE_THIN={value!r} is not understood, so the CPU and the rank decide; set it to 1 (the "
+                  "thin kernel on), 0 (off) or leave it unset", stacklevel=2)
+    return "auto"
+
+
+_MODE = _mode_from_env()
 _enabled = True  # tests and benchmarks switch the kernel off with ``use_kernel(False)``
 
 
