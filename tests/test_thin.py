@@ -75,7 +75,8 @@ def test_default_is_on_for_avx512_builds_and_whole_vector_ranks_only(monkeypatch
     lib = thin.LIBRARY.get()
     assert lib is not None
     monkeypatch.setattr(thin, "_MODE", "auto")
-    wide = lib.lt_thin_lanes() >= 16
+    assert lib.lanes == lib.lt_thin_lanes()
+    wide = lib.lanes >= 16
     assert thin._wide_enough(lib, 16) == thin._wide_enough(lib, 32) == wide
     assert not thin._wide_enough(lib, 8)  # padded to 16 lanes: half the work on zeros
     monkeypatch.setattr(thin, "_MODE", "0")

@@ -41,6 +41,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lt_thin_expand.argtypes = [ptr, ptr, ptr, n, n, n, f, th, th, ctypes.c_uint64, ctypes.c_uint32,
                                    ctypes.c_uint32, th]
     lib.lt_thin_lanes.argtypes, lib.lt_thin_lanes.restype = [], ctypes.c_int
+    lib.lanes = lib.lt_thin_lanes()  # fixed by the build; read once, not on every product
     for fn in (lib.lt_thin_project, lib.lt_thin_outer, lib.lt_thin_expand):
         fn.restype = None
 
@@ -81,7 +82,7 @@ def _wide_enough(lib: ctypes.CDLL, rank: int) -> bool:
     every rank, ``LORATUNE_THIN=0`` off everywhere."""
     if _MODE in ("0", "off", "false"):
         return False
-    lanes = lib.lt_thin_lanes()
+    lanes = lib.lanes
     return _MODE in ("1", "on", "true") or (lanes >= 16 and rank % lanes == 0)
 
 
@@ -100,7 +101,7 @@ def applies(big: torch.Tensor, small: torch.Tensor, rank: int) -> bool:
 def _padded(t: torch.Tensor) -> torch.Tensor:
     """t (rows × r) as a contiguous rows × rp tensor, rp = r rounded up to the kernel's whole vectors (16 floats
     with AVX-512, 8 otherwise), zeros in the padding."""
-    r, lanes = t.shape[1], LIBRARY.lib.lt_thin_lanes()
+    r, lanes = t.shape[1], LIBRARY.lib.lanes
     rp = -(-r // lanes) * lanes
     return t.contiguous() if rp == r else F.pad(t, (0, rp - r)).contiguous()
 
