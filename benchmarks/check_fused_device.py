@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from loratune import fused
+from loratune.ops import linear as fused
 
 
 def check(device: str, base_dtype: torch.dtype, p: float, seed: int, tokens=2048, n_in=576, n_out=1536, r=16):

@@ -4,7 +4,7 @@ Why: the train-step benchmark's targets are ratios, and whether a faster step is
 frozen base's products already run to the hardware. This measures, in one process:
 
 * the FMA peak: a compiled loop of independent 8-wide fused multiply-adds (``fma_peak_kernel.c``, built like
-  loratune's kernels by ``loratune.native``) on 1 thread and on ``--threads`` threads, best of ``--repeats``;
+  loratune's kernels by ``loratune.ops.cpu.build``) on 1 thread and on ``--threads`` threads, best of ``--repeats``;
 * torch.mm (MKL on this build) on the base products of one SmolLM2-135M step at 4×128 tokens (the projections and
   the LM head) and on LoRA's thin rank-r products, on 1 and ``--threads`` threads, medians of ``--repeats``;
 * the same base products on numpy's BLAS (OpenBLAS in numpy's wheels), as a second library.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loratune import native
+from loratune.ops.cpu import build as native
 
 TOKENS, HIDDEN, INTER, KV, VOCAB, RANK = 512, 576, 1536, 192, 49152, 16
 # (name, M, K, N): an M×K by K×N product, as one SmolLM2-135M training step at 4×128 tokens runs them.

@@ -4,21 +4,22 @@ On the bundled SmolLM2-135M (fp32) with a fixed random batch, in one process, fo
 
 * floor:    the frozen model's forward + backward to the input embeddings (inputs_embeds.requires_grad), with
             transformers' own ``labels=`` loss (floor_chunked: the same with loratune's chunked loss;
-            floor_fused: also with loratune's fused RMSNorm and SwiGLU, ``blocks.py``: loratune at rank 0, so
+            floor_fused: also with loratune's fused RMSNorm and SwiGLU, ``ops/blocks.py``: loratune at rank 0, so
             loratune/floor_fused is what the LoRA layers themselves cost);
 * loratune: loratune's step: ``causal_lm_loss(lora_model, ...)`` (fused LoRA linears, chunked loss) + backward;
 * PEFT:     PEFT's step with the same LoRA config and the same adapter weights: ``model(labels=...).loss.backward()``.
 
 loratune runs its matrix products on oneDNN instead of torch's MKL on CPUs where that is faster (AVX-512, not
-Intel: ``src/loratune/gemm.py``), and the stock floor never does. So that the LoRA layers' own cost and the
+Intel: ``src/loratune/ops/gemm.py``), and the stock floor never does. So that the LoRA layers' own cost and the
 routing's share both stay visible, more contestants are timed:
 * floor_onednn:    the frozen model with the adapted linears' products on oneDNN, and loratune's loss: loratune at
                    rank 0 on oneDNN, so loratune_onednn/floor_onednn is what the adapters themselves cost there
                    (on MKL, loratune_mkl/floor_fused is);
 * loratune_onednn, loratune_mkl: loratune's step with the routing forced on and off (``LORATUNE_ONEDNN=1``/``0``).
                    One of them is what this CPU runs by default, i.e. "loratune", and is not timed twice.
-* loratune_no_thin: loratune with its rank-r products on the matrix libraries instead of its thin kernel
-                   (``thin.py``), timed where the kernel is on by default (AVX-512 builds).
+* loratune_no_blocks, loratune_no_dropout_kernel: loratune with one of its compiled kernels treated as missing (the
+                   fused RMSNorm/SwiGLU of ``ops/blocks.py``, the dropout kernel of ``ops/dropout.py``), i.e. what a
+                   machine without a C compiler runs: what each kernel earns, timed and measured in the same run.
 
 The steps are interleaved (the order alternating), repeated, and compared by medians. A ratio is the median over
 repeats of the ratio within each repeat: on a shared 2-core VM the speed drifts by ±10 % over tens of seconds,
@@ -90,7 +91,7 @@ def floor_step(model, batch):
 
 def floor_chunked_step(model, batch):
     """The floor with loratune's loss (``causal_lm_loss``), so loratune/floor_chunked isolates the LoRA layers."""
-    from loratune.losses import causal_lm_loss
+    from loratune.ops import causal_lm_loss
 
     input_ids, mask, labels = batch
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
@@ -98,48 +99,44 @@ def floor_chunked_step(model, batch):
 
 
 def loratune_step(model, batch):
-    from loratune.losses import causal_lm_loss
+    from loratune.ops import causal_lm_loss
 
     input_ids, mask, labels = batch
     causal_lm_loss(model, input_ids, mask, labels).backward()
 
 
-def thin_on_by_default(args) -> bool:
-    """Whether loratune's rank-r products run on its thin kernel here by default, for any of the configs' ranks
-    (thin.py: AVX-512 builds, ranks of whole vectors)."""
-    from loratune import thin
-
-    probe = torch.empty(2, 2)
-    ranks = {CONFIGS[name]["r"] for name in args.configs}
-    return torch.device(args.device).type == "cpu" and any(thin.applies(probe, probe, r) for r in ranks)
-
-
-def without_thin_kernel(fn):
-    """``fn`` with loratune's rank-r products on the matrix libraries instead of the thin kernel
-    (``loratune_no_thin``: what the kernel saves, in the same run)."""
+def without_kernel(fn, which: str):
+    """``fn`` with one of loratune's compiled kernels treated as unavailable, so that its code falls back to what runs
+    without a C compiler: ``"blocks"`` (RMSNorm and SwiGLU as torch ops) or ``"dropout"`` (the numpy draw of the same
+    masks). ``loratune_no_blocks`` / ``loratune_no_dropout_kernel``: what each kernel earns, in the same run."""
     def run(*args):
-        from loratune import thin
+        from loratune.ops import blocks, dropout
 
-        before = thin.use_kernel(False)
+        library = {"blocks": blocks.LIBRARY, "dropout": dropout.LIBRARY}[which]
+        library.get()  # built (or found missing) before the swap, so the restore puts back the real state
+        before, library.lib = library.lib, None
         try:
             return fn(*args)
         finally:
-            thin.use_kernel(before)
+            library.lib = before
     return run
+
+
+KERNEL_CONTESTANTS = {"loratune_no_blocks": "blocks", "loratune_no_dropout_kernel": "dropout"}
 
 
 def on_route(fn, route: str):
     """``fn`` with loratune's products on ``route``, "onednn" or "mkl" (torch.mm), whatever this CPU's default."""
     def run(*args):
-        from loratune import gemm
+        from loratune import settings
 
-        with gemm.use_onednn(route == "onednn"):
+        with settings.override(onednn=route == "onednn"):
             return fn(*args)
     return run
 
 
 def default_route() -> str:
-    from loratune import gemm
+    from loratune.ops import gemm
 
     return "onednn" if gemm.routing_on() else "mkl"
 
@@ -154,14 +151,14 @@ class _FrozenLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias):
-        from loratune import gemm
+        from loratune.ops import gemm
 
         ctx.save_for_backward(weight)
         return gemm.linear(x2, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        from loratune import gemm
+        from loratune.ops import gemm
 
         (weight,) = ctx.saved_tensors
         return gemm.linear(g.contiguous(), weight.t()), None, None
@@ -218,7 +215,7 @@ def load_model(args):
     if args.random_weights:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from loratune.base_models import resolve_model_path
+        from loratune.models import resolve_model_path
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(args.model)))
@@ -246,40 +243,42 @@ def base_models(n: int, args=None) -> list:
 
 def build_models(cfg: dict, args, routed_floor: bool = False):
     """(frozen base, loratune model, PEFT model, fused floor) with identical, non-trivial adapter weights, on shared
-    base weights; the fused floor is the frozen base with loratune's fused blocks (``blocks.install``), i.e.
+    base weights; the fused floor is the frozen base with loratune's fused blocks (``ops.accelerate``), i.e.
     loratune at rank 0. With ``routed_floor``, also that floor on loratune's kernels (``route_frozen_linears``)."""
     import peft
 
-    from loratune import LoraConfig, blocks, get_lora_model
-    from loratune.io import adapter_tensors
+    from loratune import LoraConfig, get_lora_model, ops
+    from loratune.adapters.state import adapter_tensors
 
     base, lt_base, peft_base, fused_floor, *rest = base_models(5 if routed_floor else 4, args)
     torch.manual_seed(0)
     lt = get_lora_model(lt_base, LoraConfig(**cfg, init_lora_weights=False))
     pcfg = peft.LoraConfig(**{k: v for k, v in cfg.items()}, task_type="CAUSAL_LM")
     pm = peft.get_peft_model(peft_base, pcfg)  # fp32 adapters on a half base, as loratune's (PEFT's autocast)
-    weights = {k: v.detach().clone() for k, v in adapter_tensors(lt, "default").items()}
+    live = adapter_tensors(lt.model, lt.peft_config["default"], "default")
+    weights = {k: v.detach().clone() for k, v in live.items()}
     result = peft.set_peft_model_state_dict(pm, weights)
     assert not result.unexpected_keys, result.unexpected_keys
     for m in (fused_floor, *rest):
         m.requires_grad_(False)  # frozen floors (base_models froze ``base`` already)
     for m in (base, lt, pm, fused_floor, *rest):
         m.train()
-    blocks.install(fused_floor)
+    ops.accelerate(fused_floor)
     if routed_floor:
         targets = {name for name, _ in lt.lora_layers()}  # the floor routes what loratune routes, no more
-        blocks.install(rest[0])
+        ops.accelerate(rest[0])
         return base, lt, pm, fused_floor, route_frozen_linears(rest[0], targets)
     return base, lt, pm, fused_floor
 
 
 def _adapter_grads(lt, pm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The A/B gradients of loratune's model and of PEFT's, in the same order (PEFT file keys)."""
-    from loratune.io import adapter_tensors
+    from loratune.adapters.state import adapter_tensors
 
     peft_params = dict(pm.named_parameters())
     ours, theirs = [], []
-    for key, p in adapter_tensors(lt, "default").items():  # PEFT file key -> loratune's live parameter
+    # PEFT file key -> loratune's live parameter
+    for key, p in adapter_tensors(lt.model, lt.peft_config["default"], "default").items():
         ours.append(p.grad.double())
         theirs.append(peft_params[key.replace(".lora_A.weight", ".lora_A.default.weight")
                                   .replace(".lora_B.weight", ".lora_B.default.weight")].grad.double())
@@ -298,7 +297,7 @@ def check_same_function(lt, pm, batch) -> dict:
     same weight values): the median and largest error of each against that reference."""
     import copy
 
-    from loratune.losses import causal_lm_loss
+    from loratune.ops import causal_lm_loss
 
     def run(lt, pm):
         lt.eval(), pm.eval()
@@ -366,10 +365,10 @@ def _status_kb(field: str) -> int:
 
 def peak_step_memory_mb(step, model, batch) -> float | None:
     """The growth of the resident set during one step, in MiB (Linux only); on a GPU, of torch's allocated memory."""
-    from loratune import fused, losses
+    from loratune import ops
 
-    fused.clear_mask_cache()  # (loratune keeps the last input's x⊙mask until the next step)
-    losses.release_workspace()  # and its loss's chunk buffer, which the step must then allocate: it counts
+    ops.clear_mask_cache()  # (loratune keeps the last input's x⊙mask until the next step)
+    ops.release_workspace()  # and its loss's chunk buffer, which the step must then allocate: it counts
     gc.collect()
     if batch[0].device.type == "cuda":
         torch.cuda.synchronize()
@@ -404,8 +403,8 @@ def bench_config(name: str, cfg: dict, args) -> dict:
     if routes:
         steps["floor_onednn"] = (on_route(floor_chunked_step, "onednn"), routed[0])
         steps[f"loratune_{other_route()}"] = (on_route(loratune_step, other_route()), lt)
-    if thin_on_by_default(args):
-        steps["loratune_no_thin"] = (without_thin_kernel(loratune_step), lt)
+    if torch.device(args.device).type == "cpu":
+        steps.update({k: (without_kernel(loratune_step, which), lt) for k, which in KERNEL_CONTESTANTS.items()})
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
         timed(step, model, small, args.device, args.inner)
@@ -426,8 +425,7 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         pairs += [("loratune_onednn", "floor_onednn"), ("loratune_mkl", "floor_fused"),
                   ("loratune_onednn", "floor"), ("loratune_onednn", "peft"), ("loratune_mkl", "floor"),
                   ("loratune_mkl", "peft"), ("floor_onednn", "floor_fused")]
-    if "loratune_no_thin" in steps:
-        pairs += [("loratune", "loratune_no_thin"), ("loratune_no_thin", "floor_onednn" if routes else "floor_fused")]
+    pairs += [("loratune", k) for k in KERNEL_CONTESTANTS if k in steps]
     spread = [("loratune", "floor"), ("loratune", "peft")] + ([("loratune_onednn", "floor_onednn")] if routes else [])
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": same["loss_diff"],
@@ -448,6 +446,8 @@ def memory_config(cfg: dict, args, with_floor: bool) -> dict:
     base, lt, pm, _ = build_models(cfg, args)
     big = make_batch(args.mem_batch, args.mem_seq, base.config.vocab_size, device=args.device)
     steps = {"loratune": (loratune_step, lt), "peft": (peft_step, pm)}
+    if torch.device(args.device).type == "cpu":
+        steps.update({k: (without_kernel(loratune_step, which), lt) for k, which in KERNEL_CONTESTANTS.items()})
     if with_floor:  # the floor does not depend on the LoRA config
         steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base), **steps}
     peaks = {k: peak_step_memory_mb(step, model, big) for k, (step, model) in steps.items()}
@@ -503,10 +503,10 @@ def bench_attribution(args) -> dict:
     floor with the same loss and fused blocks (floor_fused), interleaved, medians. r=1 vs r=16 separates the
     rank-proportional FLOPs from per-module costs that do not depend on r; dropout 0 vs 0.05 gives the cost of
     dropout."""
-    from loratune import LoraConfig, blocks, get_lora_model
+    from loratune import LoraConfig, get_lora_model, ops
 
     base, *copies = base_models(5, args)
-    blocks.install(base)
+    ops.accelerate(base)
     steps = {"floor_fused": (floor_chunked_step, base)}
     for r in (1, 16):
         for p in (0.0, 0.05):
@@ -537,17 +537,21 @@ def print_table(results: list[dict]) -> None:
               ("dnn/fl", "loratune_onednn_over_floor"), ("dnn/peft", "loratune_onednn_over_peft"),
               ("mkl/fl", "loratune_mkl_over_floor"), ("mkl/peft", "loratune_mkl_over_peft"),
               ("dnn/fl_dnn", "loratune_onednn_over_floor_onednn"), ("mkl/fl_fus", "loratune_mkl_over_floor_fused"),
-              ("fl_dnn/fl_fus", "floor_onednn_over_floor_fused"), ("peft/fl", "peft_over_floor")]
+              ("fl_dnn/fl_fus", "floor_onednn_over_floor_fused"), ("peft/fl", "peft_over_floor"),
+              ("lt/no_blocks", "loratune_over_loratune_no_blocks"),
+              ("lt/no_dropout_k", "loratune_over_loratune_no_dropout_kernel")]
     first = results[0]
     shown = [(h, lambda r, k=k: 1e3 * r["median_s"][k]) for h, k in cols if k in first["median_s"]]
     shown += [(h, lambda r, k=k: r[k]) for h, k in ratios if k in first]
     if first["default_route"]:
-        print(f"\nloratune's products by default on: {first['default_route']} (gemm.py)")
+        print(f"\nloratune's products by default on: {first['default_route']} (ops/gemm.py)")
     print(f"{'config':28s} " + " ".join(f"{h:>{max(len(h), 6)}s}" for h, _ in shown)
-          + f" | peak MiB @{first.get('memory_tokens', '-')}: floor / floor_chunked / loratune / peft")
+          + f" | peak MiB @{first.get('memory_tokens', '-')}: floor / floor_chunked / loratune / peft"
+          + " / loratune_no_blocks / loratune_no_dropout_kernel")
     for r in results:
         mem = r.get("peak_mb")
-        mem_s = " / ".join(f"{mem[k]:.0f}" for k in ("floor", "floor_chunked", "loratune", "peft")) if mem else "-"
+        mem_s = " / ".join(f"{mem[k]:.0f}" for k in ("floor", "floor_chunked", "loratune", "peft",
+                                                      *KERNEL_CONTESTANTS) if k in mem) if mem else "-"
         print(f"{r['config']:28s} " + " ".join(f"{f(r):>{max(len(h), 6)}.3f}" for h, f in shown) + f" | {mem_s}")
     print("quartiles of the per-repeat ratios (this machine's spread): "
           + "; ".join(f"{r['config']}: " + ", ".join(f"{k.replace('_over_', '/')} {lo:.3f}-{hi:.3f}"
@@ -594,8 +598,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--device {args.device}: not a device name (use cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__})")
-    from loratune.base_models import BUNDLED, resolve_model_path
     from loratune.errors import LoraTuneError
+    from loratune.models import BUNDLED, resolve_model_path
 
     if args.model not in BUNDLED:  # (a bundled model's package is checked when it loads, with its own message)
         from transformers import AutoConfig

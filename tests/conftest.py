@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -19,7 +20,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from loratune.base_models import resolve_model_path
+from loratune import settings
+from loratune.models import resolve_model_path
 
 
 def load_benchmark(name: str) -> ModuleType:
@@ -111,3 +113,10 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
     return d / "train.jsonl", d / "eval.jsonl"
+
+
+@pytest.fixture
+def configure():
+    """Change loratune's settings for the rest of one test: ``configure(cache=tmp_path, cc="/bin/false")``."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(settings.override(**changes))

@@ -1,16 +1,14 @@
 """loratune: LoRA fine-tuning for transformers models, with adapter files in PEFT's format."""
 
-from .config import LoraConfig
+from .adapters import BASE, LoraConfig, LoraLayer, LoraModel, get_lora_model
 from .errors import AdapterFileError, ConfigError, DataError, LoraTuneError
-from .layers import BASE, LoraLayer
-from .model import LoraModel, get_lora_model
 
 __version__ = "0.1.0"
 
 
 def load_base_model(name_or_path: str = "smollm2-135m-instruct", **kwargs):
-    """Load a base model and its tokenizer; see :func:`loratune.base_models.load_base_model`."""
-    from .base_models import load_base_model as _load
+    """Load a base model and its tokenizer; see :func:`loratune.models.load_base_model`."""
+    from .models import load_base_model as _load
 
     return _load(name_or_path, **kwargs)
 

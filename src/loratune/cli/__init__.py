@@ -1,0 +1,120 @@
+"""``loratune`` command line: train, eval, generate, chat, merge, quickstart.
+
+Every failure that a user can fix ends as one line on stderr and exit code 2; ``LORATUNE_DEBUG=1``
+shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import settings
+from ..errors import ConfigWarning, LoraTuneError
+
+EXAMPLE = "examples/dates.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning: train, evaluate, merge, serve.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config",
+                       description="Fine-tune a LoRA adapter. Resumes from the latest checkpoint in output_dir.")
+    t.add_argument("config", help=f"YAML config (see {EXAMPLE})")
+    t.add_argument("overrides", nargs="*", help="dotted overrides such as lora.r=32 train.lr=1e-4")
+    t.add_argument("--dry-run", action="store_true", help="validate, show data and parameters, then exit")
+    t.add_argument("--overwrite", action="store_true", help="replace a different run in output_dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="held-out loss, perplexity and exact match",
+                       description="Evaluate the base model, or base vs base+adapter, on a data file.")
+    e.add_argument("--adapter", help="adapter directory (without it, the base model alone)")
+    e.add_argument("--data", required=True, help="jsonl/json/csv/parquet file")
+    e.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    e.add_argument("--format", default="auto", help="data format (default: detect)")
+    e.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    g = sub.add_parser("generate", help="complete one prompt with an adapter")
+    g.add_argument("prompt")
+    g.add_argument("--adapter", help="adapter directory")
+    g.add_argument("--model", help="base model (default: the adapter's)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
+
+    c = sub.add_parser("chat", help="interactive chat with an adapter (empty line or Ctrl-D quits)")
+    c.add_argument("--adapter", help="adapter directory")
+    c.add_argument("--model", help="base model (default: the adapter's)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
+
+    m = sub.add_parser("merge", help="merge an adapter into its base and save an HF model",
+                       description="Write base + adapter as one HF-format model (safetensors, tokenizer).")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--model", help="base model (default: the adapter's)")
+
+    q = sub.add_parser("quickstart", help="the main job: fine-tune the bundled model on ISO dates",
+                       description="Generate the dates task, measure the base model, fine-tune, measure again, "
+                                   "merge. Writes adapter, merged model and loss curve.")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=40")
+    q.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Flags may stand before or after the key=value overrides: argparse leaves overrides that follow a flag
+    # unparsed, so they are collected here (parse_intermixed_args does not support subcommands).
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (see loratune {args.command} --help)")
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    def note(message, category, *rest, **kw):  # loratune's own warnings as one plain line, not file:line source
+        if issubclass(category, ConfigWarning):
+            print(f"loratune {args.command}: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line that matters
+    with warnings.catch_warnings():  # restores showwarning when the command ends (main may run in-process)
+        show = warnings.showwarning
+        warnings.showwarning = note
+        try:
+            return _command(args.command)(args) or 0
+        except LoraTuneError as e:
+            if settings.get().debug:
+                raise
+            print(f"loratune {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+
+def _command(name: str):
+    """The function that runs command ``name``, imported only when it runs (``loratune --help`` stays quick)."""
+    if name == "train":
+        from .train import cmd_train as command
+    elif name in ("eval", "generate", "chat"):
+        from . import infer
+
+        command = {"eval": infer.cmd_eval, "generate": infer.cmd_generate, "chat": infer.cmd_chat}[name]
+    elif name == "merge":
+        from .merge import cmd_merge as command
+    else:
+        from .quickstart import cmd_quickstart as command
+    return command
+
+if __name__ == "__main__":
+    sys.exit(main())

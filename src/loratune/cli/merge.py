@@ -1,0 +1,17 @@
+"""``loratune merge``: base + adapter written as one HF model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..formats.merged import save_merged
+from .infer import load_for_inference
+
+
+def cmd_merge(args) -> int:
+    model, tok, _ = load_for_inference(args.adapter, args.model)
+    save_merged(model, tok, Path(args.out))
+    print(f"merged model written to {args.out}")
+    return 0
+
+

@@ -1,0 +1,59 @@
+"""``loratune train``: a run from a YAML config, or ``--dry-run`` to check it and estimate its time."""
+
+from __future__ import annotations
+
+import time
+
+from .. import settings
+from ..adapters import get_lora_model
+from ..data import collate, format_example, prepare
+from ..models import load_base_model
+from ..training.config import dump_run_config, load_run_config
+from ..training.evaluate import response_loss_sum
+from ..training.loop import train
+from ..training.optim import total_steps
+from .output import print_summary
+
+
+def cmd_train(args) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(cfg)
+    result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print_summary(result.history, result.seconds, result.adapter_dir)
+    return 0
+
+
+def dry_run(cfg) -> int:
+    print("# resolved config\n" + dump_run_config(cfg))
+    model, tok = load_base_model(cfg.model)
+    data = prepare(cfg.data, tok, seed=cfg.train.seed)
+    print("# data")
+    for line in data.report_lines():
+        print("  " + line)
+    print("# one tokenized example ([[...]] = trained tokens)")
+    print(format_example(tok, data.train[0]))
+    lm = get_lora_model(model, cfg.lora_config())
+    lm.print_trainable_parameters()
+    world = settings.get().world_size
+    _, steps = total_steps(len(data.train), cfg.train, world)
+    seconds = _time_one_batch(lm, data.train[:cfg.train.batch_size], tok.pad_token_id)
+    est = steps * cfg.train.grad_accum * seconds
+    print(f"estimated training time on this machine: ~{est / 60:.1f} min ({steps} steps × {cfg.train.grad_accum} "
+          f"batch(es) of {cfg.train.batch_size} rows × {seconds:.2f} s measured for one batch"
+          f"{'' if world == 1 else ' per process'}; evaluation not included)")
+    return 0
+
+
+def _time_one_batch(lm, rows, pad_id: int) -> float:
+    """Seconds for one forward + backward on ``rows`` (the second of two runs: the first warms up)."""
+    lm.train()
+    batch = collate(rows, pad_id)
+    for _ in range(2):
+        start = time.perf_counter()
+        response_loss_sum(lm, batch)[0].backward()
+        seconds = time.perf_counter() - start
+    lm.zero_grad(set_to_none=True)
+    return seconds
+
+

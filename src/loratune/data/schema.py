@@ -1,0 +1,92 @@
+"""The data layer's types and names: the ``data`` config section, a tokenized example, the preparation report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DataError, closest
+from ..ops import IGNORE_INDEX
+
+FORMATS = ("prompt_completion", "alpaca", "messages", "sharegpt", "text")
+READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+EXTENSIONS = ", ".join(READERS)
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # refused (one example per line? per file?), with how to convert
+ROW_HINTS = {".jsonl": 'one JSON object per line, e.g. {"prompt": "...", "completion": "..."}',
+             ".json": "a JSON list of objects", ".csv": "a header line naming the columns, then one line per row",
+             ".parquet": "one row per example"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+IGNORE = IGNORE_INDEX  # the label of a token without loss, as transformers reads it
+Row = tuple[int, list[dict]]  # (row number in the file, chat messages)
+REQUIRED = {"prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output"),
+            "messages": ("messages",), "sharegpt": ("conversations",), "text": ("text",)}
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of a run config.
+
+    ``eval`` is a held-out file; without one, ``eval_split`` (a fraction in [0, 1)) of the cleaned train rows
+    is held out, chosen by the seed. ``overlength`` is ``drop`` or ``truncate`` (rows over ``max_seq_len``
+    tokens). ``chat_template`` overrides the tokenizer's Jinja template; ``system_prompt`` is prepended to
+    rows that have no system message.
+    """
+
+    train: str
+    eval: str | None = None
+    eval_split: float = 0.0
+    format: str = "auto"
+    max_seq_len: int = 512
+    packing: bool = False
+    train_on_prompt: bool = False
+    overlength: str = "drop"
+    chat_template: str | None = None
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format != "auto" and self.format not in FORMATS:
+            raise DataError(f"unknown data format '{self.format}'{closest(self.format, FORMATS)}; "
+                            f"use auto or one of: {', '.join(FORMATS)}")
+        if self.overlength not in ("drop", "truncate"):
+            raise DataError(f"data.overlength must be 'drop' or 'truncate', got {self.overlength!r}")
+        if self.max_seq_len < 2:
+            raise DataError(f"data.max_seq_len must be ≥ 2, got {self.max_seq_len}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise DataError(f"data.eval_split must be a fraction in [0, 1), got {self.eval_split}")
+
+
+@dataclass
+class Example:
+    """One tokenized row. ``labels`` align with ``input_ids`` (-100 = no loss; the model shifts them).
+
+    ``prompt_ids`` is the prompt with the generation prompt appended and ``reference`` the last assistant
+    answer, for generation-based evaluation (empty/None for text rows and packed rows). ``position_ids``
+    is set only on packed rows: it restarts at 0 at each packed example.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int] = field(default_factory=list)
+    reference: str | None = None
+    position_ids: list[int] | None = None
+
+
+@dataclass
+class Step:
+    """One line of the preparation report: ``count`` rows affected by step ``name``; ``detail`` says which."""
+
+    name: str
+    count: int
+    detail: str = ""
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]
+    report: list[Step]
+    format: str
+
+    def report_lines(self) -> list[str]:
+        """The report as printable lines, e.g. ``train: exact duplicates removed: 3``."""
+        return [f"{s.name}: {s.count}" + (f" ({s.detail})" if s.detail else "") for s in self.report]

@@ -1,0 +1,137 @@
+"""Files and directories written whole or not at all, with the modes ``open`` and ``mkdir`` would give them.
+
+Every write of a file loratune makes goes through ``atomic_write`` (a temp file beside the target, flushed to disk,
+renamed over it) and every directory it produces as a unit (a checkpoint, an adapter, a merged model, a converted
+model) through ``atomic_dir`` (a temp directory beside the target, renamed into place), so a reader or a crash never
+sees half of one. Tensors are read and written with safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AdapterFileError
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk (a directory: its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any], mode: int = 0o666) -> None:
+    """Write through ``write(tmp_path)``, flush it to disk, then rename it over ``path``: readers never see half a
+    file, and a crash leaves the old file or the new one. The file gets ``mode`` less the umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600 files
+        _fsync(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """``path.write_text(text)``, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """``obj`` as indented JSON with sorted keys, atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def public_modes(root: Path) -> None:
+    """Give a tree written under ``tempfile.mkdtemp`` (0700; some writers make 0600 files) the modes ``mkdir`` and
+    ``open`` would have given it, so another user or a serving process can read what loratune wrote."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in Path(root).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _sync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the directories that hold them
+        if not path.is_symlink():
+            _fsync(path)
+    _fsync(root)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, exists: str = "replace") -> Iterator[Path]:
+    """Yield a new empty directory beside ``target`` to fill; on a normal exit it gets public modes, is flushed to
+    disk and renamed to ``target``. On an exception it is removed and ``target`` is untouched.
+
+    Where ``target`` already exists: ``exists="replace"`` moves the old one aside, renames the new one in, then
+    removes the old one (so ``target`` is never missing or half-written); ``"keep"`` keeps the existing one (another
+    process finished the same work first) and discards the new one. Only a directory that loratune wrote should be
+    replaced: callers decide that before they call this.
+    """
+    if exists not in ("replace", "keep"):
+        raise ValueError(f"exists must be 'replace' or 'keep', got {exists!r}")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        public_modes(tmp)
+        _sync_tree(tmp)
+        if not target.exists():
+            try:
+                tmp.rename(target)
+                tmp = None
+            except OSError:
+                if not target.exists():
+                    raise
+        if tmp is not None and exists == "replace":
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            target.rename(old / "d")
+            tmp.rename(target)
+            tmp = None
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(target.parent)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (copied to contiguous CPU tensors first), atomically."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a damaged one is an AdapterFileError, never a crash deep in Rust."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{path} is not a valid safetensors file ({e}); re-save or re-copy it") from None

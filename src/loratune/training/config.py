@@ -1,0 +1,360 @@
+"""The run config: a YAML file with flat sections (model, data, lora, train, output_dir) plus overrides.
+
+Every key is checked: unknown keys get the valid name they most likely mean (a table of names users bring
+from transformers, PEFT, axolotl and LLaMA-Factory first, then the closest spelling), values of the wrong
+type say which type is wanted and give an example. All problems are reported together in one ConfigError.
+``lora`` accepts the short names ``alpha``/``dropout`` and any LoraConfig field by its own name; giving a
+short name and its long name with different values is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..adapters.config import LoraConfig
+from ..data import DataConfig, check_data_file
+from ..errors import ConfigError, ConfigWarning, DataError, LoraTuneError, closest
+from .validate import BAD, as_yaml, checked
+
+
+@dataclass
+class TrainConfig:
+    epochs: float | None = None  # default 1 when max_steps is not set either
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = no intermediate checkpoints
+    loraplus_lr_ratio: float | None = None  # LoRA+: B learns this many times faster than A
+    eval_batch_size: int = 32
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        p = []
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            p.append(f"train.scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"train.max_steps must be ≥ 1, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            p.append(f"train.epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            p.append(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if p:
+            raise ConfigError("; ".join(p))
+
+
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+LORA_SHORT = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+# Names users bring from transformers, PEFT, axolotl and LLaMA-Factory -> the key they mean here, per section.
+# Consulted before the fuzzy match for unknown keys; every target is a real key of its section (tested).
+SYNONYMS: dict[str, dict[str, str]] = {
+    "train": {
+        "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "n_epochs": "epochs",
+        "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+        "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+        "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+        "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler", "warmup_steps": "warmup_ratio",
+        "grad_clip": "max_grad_norm", "gradient_clipping": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+        "num_steps": "max_steps", "total_steps": "max_steps", "train_steps": "max_steps",
+        "eval_steps": "eval_every", "save_steps": "save_every", "random_seed": "seed",
+        "use_gradient_checkpointing": "gradient_checkpointing", "loraplus_ratio": "loraplus_lr_ratio",
+    },
+    "data": {
+        "cutoff_len": "max_seq_len", "sequence_len": "max_seq_len", "max_length": "max_seq_len",
+        "max_seq_length": "max_seq_len", "seq_len": "max_seq_len", "max_len": "max_seq_len",
+        "model_max_length": "max_seq_len", "block_size": "max_seq_len",
+        "dataset": "train", "train_file": "train", "train_path": "train", "path": "train",
+        "eval_file": "eval", "validation_file": "eval", "val_file": "eval", "eval_dataset": "eval",
+        "val_set_size": "eval_split", "val_size": "eval_split", "validation_split": "eval_split",
+        "test_size": "eval_split", "sample_packing": "packing", "train_on_inputs": "train_on_prompt",
+        "template": "chat_template", "system_message": "system_prompt", "system": "system_prompt",
+        "type": "format",
+    },
+    "lora": {
+        "rank": "r", "lora_r": "r", "lora_rank": "r", "target": "target_modules", "lora_target": "target_modules",
+        "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+        "rslora": "use_rslora", "init_weights": "init_lora_weights",
+    },
+}
+SECTION_SYNONYMS = {"base_model": "model", "model_name_or_path": "model", "dataset": "data", "datasets": "data",
+                    "peft": "lora", "lora_config": "lora", "training": "train", "training_args": "train",
+                    "trainer": "train", "output": "output_dir", "out_dir": "output_dir"}
+_EXAMPLES = {"train.epochs": 1, "train.max_steps": 100, "train.loraplus_lr_ratio": 16,
+             "data.train": "data/train.jsonl", "data.eval": "data/eval.jsonl",
+             "data.system_prompt": "Answer briefly.", "data.chat_template": "path/to/template.jinja"}
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m-instruct"
+    data: DataConfig = field(default_factory=lambda: DataConfig(train=""))
+    lora: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/latest"
+
+    def lora_config(self) -> LoraConfig:
+        kwargs = dict(LORA_DEFAULTS)
+        kwargs.update({LORA_SHORT.get(k, k): v for k, v in self.lora.items()})
+        kwargs.setdefault("task_type", "CAUSAL_LM")
+        return LoraConfig(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "lora", "train", "output_dir")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), defaults: list[str] = ()) -> RunConfig:
+    """Read YAML (or start from defaults), apply ``section.key=value`` overrides, validate everything.
+
+    ``defaults`` are overrides applied first, as if written in the file (a preset such as the quickstart's).
+    An override of ``lora.alpha`` replaces a ``lora_alpha`` from the file (and the other way round), as an
+    override of the same key would; both given in the file, or both as overrides, must agree.
+    """
+    raw: dict[str, Any] = {} if path is None else _readas_yaml(Path(path))
+    problems: list[str] = []
+    for layer in (defaults, overrides):
+        overridden: set[str] = set()
+        for item in layer:
+            problem = _apply_override(raw, item, overridden)
+            if problem:
+                problems.append(problem)
+    return build_run_config(raw, problems)
+
+
+def _readas_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see examples/ for one to copy")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str, overridden: set[str]) -> str | None:
+    """Set one ``section.key=value`` in ``raw``; returns the problem, if any."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        return f"override {item!r} must look like section.key=value, e.g. lora.r=32"
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        if node.get(part) is None:  # a section left empty in the YAML reads as null
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            return f"override {item!r}: '{part}' holds a single value, not a section; set it as {part}=..."
+    if parents == ["lora"]:
+        partner = _alias_partner(leaf)
+        if partner in node and f"lora.{partner}" not in overridden:
+            del node[partner]  # the override replaces the file's value under the other name
+    overridden.add(key)
+    node[leaf] = _parse_value(value)
+    return None
+
+
+def _parse_value(value: str) -> Any:
+    """A YAML scalar/list/mapping; text that is not valid YAML (``a: b: c``) is taken as a plain string."""
+    if not value:
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _alias_partner(key: str) -> str | None:
+    """``lora_alpha`` for ``alpha`` and the other way round; None for a key without a short name."""
+    return LORA_SHORT.get(key) or next((short for short, full in LORA_SHORT.items() if full == key), None)
+
+
+def build_run_config(raw: dict[str, Any], problems: list[str] | None = None) -> RunConfig:
+    """Validate every section of ``raw``; all problems (plus those passed in) are raised as one ConfigError."""
+    problems = list(problems or [])
+    sections = _check_sections(raw, problems)
+    lora = _lora_section(sections["lora"], problems)
+    data = _section("data", DataConfig, sections["data"], problems, fill={"train": ""})
+    train = _section("train", TrainConfig, sections["train"], problems)
+    model = checked("model", raw.get("model", RunConfig.model), str, RunConfig.model, problems, _EXAMPLES)
+    output_dir = checked("output_dir", raw.get("output_dir", RunConfig.output_dir), str, RunConfig.output_dir,
+                          problems, _EXAMPLES)
+    _check_data_files(sections["data"], problems)
+    if problems:
+        raise ConfigError(_report(problems))
+    _warn_if_steps_and_epochs(train)
+    return RunConfig(model=model, data=data, lora=lora, train=train, output_dir=output_dir)
+
+
+def _report(problems: list[str]) -> str:
+    """One problem as one line; several as a count and one indented line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _check_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The data/lora/train mappings of ``raw`` (empty when missing); unknown or malformed sections are problems."""
+    for k in raw:
+        if k not in SECTIONS:
+            problems.append(f"unknown config section '{k}'{_section_hint(k)}")
+    sections = {}
+    for name in ("data", "lora", "train"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"config section '{name}' must be a mapping of keys (e.g. {name}.{_first_key(name)}=...), "
+                            f"got {value!r}")
+        sections[name] = value if isinstance(value, dict) else {}
+    return sections
+
+
+def _first_key(name: str) -> str:
+    return {"data": "train", "lora": "r", "train": "lr"}[name]
+
+
+def _section_hint(key: str) -> str:
+    """' (did you mean ...)' for an unknown top-level key: a section's synonym, or a key that belongs in a section."""
+    norm = key.lower().replace("-", "_")
+    if norm in SECTION_SYNONYMS:
+        return f" (did you mean '{SECTION_SYNONYMS[norm]}'?)"
+    for section, keys in (("train", _field_names(TrainConfig)), ("data", _field_names(DataConfig)),
+                          ("lora", _field_names(LoraConfig) | set(LORA_SHORT))):
+        target = SYNONYMS[section].get(norm, norm)
+        if target in keys:
+            return f" (keys go under their section: did you mean '{section}.{target}'?)"
+    return closest(key, SECTIONS)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(section: str, key: str, valid: typing.Iterable[str]) -> str:
+    return f"unknown key '{section}.{key}'{closest(key, valid, SYNONYMS.get(section))}"
+
+
+def _section(name: str, cls: type, values: dict[str, Any], problems: list[str],
+             fill: dict[str, Any] | None = None):
+    """``cls`` built from ``values``, or None; each unknown key, bad type and invalid value is a problem.
+
+    Keys with a problem are left out so that the others are still checked; ``fill`` supplies required fields.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        if k not in fields:
+            problems.append(_unknown_key(name, k, fields))
+            continue
+        kwargs[k] = checked(f"{name}.{k}", v, hints[k], fields[k].default, problems, _EXAMPLES)
+        if kwargs[k] is BAD:
+            del kwargs[k]
+    for k, v in (fill or {}).items():
+        kwargs.setdefault(k, v)
+    try:
+        return cls(**kwargs)
+    except LoraTuneError as e:
+        problems.extend(_split(str(e), [f"{name}."]))
+        return None
+
+
+def _lora_section(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The ``lora`` mapping with types checked and aliases merged; LoraConfig's own problems are added too."""
+    fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
+    hints = typing.get_type_hints(LoraConfig)
+    lora: dict[str, Any] = {}
+    for k, v in values.items():
+        name = LORA_SHORT.get(k, k)
+        if name not in fields:
+            problems.append(_unknown_key("lora", k, set(fields) | set(LORA_SHORT)))
+            continue
+        typed = checked(f"lora.{k}", v, hints[name], LORA_DEFAULTS.get(name, fields[name].default), problems,
+                        _EXAMPLES)
+        if typed is not BAD:
+            lora[k] = typed if isinstance(v, str) else v  # keep 32 as 32 (not 32.0): it is written to files
+    n_before = len(problems)
+    _merge_aliases(lora, problems)
+    if len(problems) == n_before:
+        try:
+            RunConfig(lora=lora).lora_config()  # validate now, not after the model has loaded
+        except LoraTuneError as e:
+            problems.extend(_lora_problems(str(e), lora))
+    return lora
+
+
+def _lora_problems(message: str, lora: dict[str, Any]) -> list[str]:
+    """LoraConfig's '; '-joined problems, one each, named by the key the user wrote (``lora.dropout``)."""
+    names = sorted(_field_names(LoraConfig), key=len, reverse=True)
+    message = message.removeprefix("invalid LoraConfig: ")
+    short = {full: short for short, full in LORA_SHORT.items() if short in lora}
+    out = []
+    for problem in _split(message, [f"{n} " for n in names] + [f"{n}[" for n in names]):
+        name = next((n for n in names if problem.startswith((f"{n} ", f"{n}["))), None)
+        out.append(f"lora.{short.get(name, name)}{problem[len(name):]}" if name else f"lora: {problem}")
+    return out
+
+
+def _split(message: str, starts: list[str]) -> list[str]:
+    """Split a '; '-joined list of problems where the next part begins with one of ``starts``."""
+    return re.split("; (?=" + "|".join(map(re.escape, starts)) + ")", message)
+
+
+def _merge_aliases(lora: dict[str, Any], problems: list[str]) -> None:
+    """Keep one of ``alpha``/``lora_alpha`` (and the like) when both are given; a problem if they disagree."""
+    for short, full in LORA_SHORT.items():
+        if short in lora and full in lora:
+            if lora[short] == lora[full]:
+                del lora[short]
+            else:
+                problems.append(f"lora.{short}={as_yaml(lora[short])} and lora.{full}={as_yaml(lora[full])} disagree "
+                                f"({short} is short for {full}); give only one of them")
+
+
+def _check_data_files(data: dict[str, Any], problems: list[str]) -> None:
+    """data.train is required and data files must exist: fail before a model is loaded, not after."""
+    if not data.get("train"):
+        problems.append("data.train is required: the path of a jsonl/json/csv/parquet training file, "
+                        "e.g. data.train=data/train.jsonl")
+    for key in ("train", "eval"):
+        f = data.get(key)
+        if f and isinstance(f, str):
+            try:
+                check_data_file(f, f"data.{key}: data file")
+            except DataError as e:
+                problems.append(str(e))
+
+
+def _warn_if_steps_and_epochs(train: TrainConfig) -> None:
+    """max_steps silently winning over epochs surprises people: say so when both were given."""
+    if train.max_steps is not None and train.epochs is not None:
+        warnings.warn(f"train.max_steps={train.max_steps} and train.epochs={as_yaml(train.epochs)} are both set: "
+                      "max_steps wins and epochs is ignored; set only one (train.max_steps=null to train by epochs)",
+                      ConfigWarning, stacklevel=4)
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

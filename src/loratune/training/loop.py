@@ -1,0 +1,182 @@
+"""The training loop: plain, seeded, resumable, and data-parallel under torchrun.
+
+Determinism is what makes resume exact: the order of examples in epoch e is a permutation seeded by
+(seed, e), so a checkpoint only needs the step number, the optimizer/scheduler state and the RNG state
+(for dropout). Each optimizer step consumes one *global* batch of batch_size × grad_accum × world rows;
+the loss is summed over tokens and divided by the global batch's token count, so one process with
+grad_accum=2 and two processes with grad_accum=1 compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..adapters import LoraModel, get_lora_model
+from ..data import PreparedData, collate, prepare
+from ..errors import LoraTuneError
+from ..fsutil import save_json, write_text
+from ..models import BUNDLED, load_base_model
+from . import distributed
+from .checkpoints import TrainingError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, dump_run_config
+from .evaluate import eval_loss, response_loss_sum
+from .optim import global_batch, lr_lambda, make_optimizer, total_steps
+from .rundir import check_output_dir, claim_output_dir, write_loss_curve
+
+PROMPT_FILE = "loratune_prompt.json"  # how prompts were built in training, for eval/generate/chat
+__all__ = ["PROMPT_FILE", "RunResult", "TrainingError", "require_causal_lm", "train"]
+
+
+@dataclass
+class RunResult:
+    model: LoraModel
+    tokenizer: object
+    data: PreparedData
+    adapter_dir: Path
+    history: list[dict]
+    steps: int
+    seconds: float
+
+
+def require_causal_lm(model, name: str) -> None:
+    """loratune trains and generates with causal LMs; say so plainly for anything else (e.g. a BERT classifier)."""
+    if not model.can_generate():
+        raise LoraTuneError(f"model '{name}' is a {type(model).__name__}, not a causal language model; train, "
+                            "eval, generate and chat need one (e.g. model=smollm2-135m-instruct). Classifiers are "
+                            "fine-tuned through the Python API (LoraConfig(task_type='SEQ_CLS'))")
+
+
+def _model_reference(name: str) -> str:
+    """What the adapter records as its base: a bundled name as is, a local path made absolute."""
+    return name if name in BUNDLED or not Path(name).exists() else str(Path(name).resolve())
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, data: PreparedData | None = None,
+          progress: bool = True, stop_after: int | None = None) -> RunResult:
+    """Fine-tune a LoRA adapter as ``cfg`` says; resumes from the latest checkpoint in ``output_dir``.
+
+    ``stop_after`` ends the run after that many steps as if killed (tests of resume use it).
+    """
+    rank, world = distributed.setup()
+    tc = cfg.train
+    out = Path(cfg.output_dir)
+    config_text = dump_run_config(cfg)
+    check_output_dir(out, config_text, overwrite)
+
+    torch.manual_seed(tc.seed)
+    model, tok = model_and_tokenizer or load_base_model(cfg.model)
+    require_causal_lm(model, cfg.model)
+    if data is None:
+        data = prepare(cfg.data, tok, seed=tc.seed)
+        if rank == 0 and progress:
+            print("data\n  " + "\n  ".join(data.report_lines()), flush=True)
+    torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
+    lcfg = cfg.lora_config()
+    lcfg.base_model_name_or_path = lcfg.base_model_name_or_path or _model_reference(cfg.model)
+    lm = get_lora_model(model, lcfg)
+    # Only now, with model, data and adapter config known to work, does the run take the output dir: a run that
+    # fails validation leaves nothing behind that would block the corrected command.
+    if rank == 0:
+        claim_output_dir(out, config_text, overwrite)
+        write_text(out / "data_report.txt", "".join(line + "\n" for line in data.report_lines()))
+    if world > 1:
+        dist.barrier()
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+
+    per_epoch, steps = total_steps(len(data.train), tc, world)
+    per_step = tc.batch_size * tc.grad_accum * world
+    opt = make_optimizer(lm, tc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.scheduler, int(tc.warmup_ratio * steps), steps))
+    params = [p for p in lm.parameters() if p.requires_grad]
+
+    start = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, lm, opt, sched, config_text)
+        if rank == 0:
+            print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
+                  else f"resuming from {ckpt} (step {start} of {steps})", flush=True)
+    # torch's RNG drives dropout; the same seed on every rank would give every shard the same masks
+    if world > 1 and start == 0:
+        torch.manual_seed(tc.seed + 1000 * rank)
+
+    log_path = out / "metrics.jsonl"
+    history: list[dict] = [json.loads(line) for line in log_path.read_text().splitlines()] \
+        if start and log_path.is_file() else []
+    history = [h for h in history if h["step"] <= start]
+    if rank == 0:  # drop lines a killed run logged after its last checkpoint
+        write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+    pad = tok.pad_token_id
+    bar = tqdm(total=steps, initial=start, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
+    t0, tokens_seen = time.time(), 0
+    step = start
+    for step in range(start + 1, steps + 1):
+        rows = global_batch(step - 1, len(data.train), per_epoch, per_step, tc.seed)
+        n_tokens = sum(sum(1 for v in data.train[i].labels[1:] if v != ops.IGNORE_INDEX) for i in rows)
+        mine = rows[rank * tc.batch_size * tc.grad_accum:(rank + 1) * tc.batch_size * tc.grad_accum]
+        step_loss = torch.zeros(())
+        for k in range(0, len(mine), tc.batch_size):
+            batch = collate([data.train[i] for i in mine[k:k + tc.batch_size]], pad)
+            loss_sum, _ = response_loss_sum(lm, batch)
+            (loss_sum / max(n_tokens, 1)).backward()
+            step_loss += loss_sum.detach()
+            tokens_seen += int(batch["attention_mask"].sum())
+        if world > 1:
+            dist.all_reduce(step_loss)
+        loss = step_loss.item() / max(n_tokens, 1)
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss became {loss} at step {step}; lower train.lr (now {tc.lr}) or check the data")
+        distributed.all_reduce_grads(params, world)
+        if tc.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the rate this step uses (read before sched.step() moves on)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        record = {"step": step, "loss": loss, "lr": lr,
+                  "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
+        if data.eval and (step == steps or (tc.eval_every and step % tc.eval_every == 0)):
+            record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
+        history.append(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
+            if step == steps or (tc.save_every and step % tc.save_every == 0):
+                save_checkpoint(out, step, lm, opt, sched, config_text)
+        if stop_after is not None and step - start >= stop_after:
+            break
+    bar.close()
+    ops.clear_mask_cache()  # let go of the last input's x⊙mask: evaluation and merging need none
+    ops.release_workspace()  # and of the loss's kept chunk × vocab buffer
+    if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet
+        return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0)
+
+    adapter_dir = out / "adapter"
+    if rank == 0:
+        lm.save_pretrained(adapter_dir)
+        if cfg.data.chat_template:
+            tok.chat_template = cfg.data.chat_template
+        tok.save_pretrained(adapter_dir)  # the chat template travels with the adapter
+        save_json({"system_prompt": cfg.data.system_prompt}, adapter_dir / PROMPT_FILE)
+        write_loss_curve(history, out / "loss_curve.png")
+    if world > 1:
+        dist.barrier()
+    return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0)
+
+

@@ -1,0 +1,79 @@
+"""loratune.fsutil: files and directories written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from loratune import fsutil
+from loratune.errors import AdapterFileError
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "f.txt"
+    fsutil.write_text(path, "one")
+    fsutil.write_text(path, "two")
+    assert path.read_text() == "two" and os.listdir(path.parent) == ["f.txt"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.txt"
+    fsutil.write_text(path, "old")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fsutil.atomic_write(path, fail)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_atomic_dir_appears_whole_with_public_modes(tmp_path):
+    target = tmp_path / "out"
+    with fsutil.atomic_dir(target) as tmp:
+        assert not target.exists()
+        (tmp / "a").write_text("1")
+    assert (target / "a").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["out"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask()
+
+
+def test_atomic_dir_replaces_or_keeps_an_existing_one(tmp_path):
+    target = tmp_path / "out"
+    with fsutil.atomic_dir(target) as tmp:
+        (tmp / "old").write_text("1")
+    with fsutil.atomic_dir(target, exists="keep") as tmp:
+        (tmp / "new").write_text("2")
+    assert os.listdir(target) == ["old"]
+    with fsutil.atomic_dir(target) as tmp:
+        (tmp / "new").write_text("2")
+    assert os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_atomic_dir_failure_leaves_the_target_untouched(tmp_path):
+    target = tmp_path / "out"
+    with fsutil.atomic_dir(target) as tmp:
+        (tmp / "old").write_text("1")
+    with pytest.raises(RuntimeError), fsutil.atomic_dir(target) as tmp:
+        (tmp / "new").write_text("2")
+        raise RuntimeError("killed")
+    assert os.listdir(target) == ["old"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_tensors_round_trip_and_a_damaged_file_is_one_error(tmp_path):
+    path = tmp_path / "t.safetensors"
+    fsutil.save_tensors({"a": torch.arange(6.0).view(2, 3).t()}, path)  # non-contiguous: copied
+    assert torch.equal(fsutil.read_tensors(path)["a"], torch.arange(6.0).view(2, 3).t())
+    path.write_bytes(b"garbage")
+    with pytest.raises(AdapterFileError, match="not a valid safetensors file"):
+        fsutil.read_tensors(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,158 @@
+"""The training loop on a tiny Llama with the real SmolLM2 tokenizer: resume, DDP, errors, LoRA+."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from loratune.ops import linear as fused
+from loratune.training.config import load_run_config
+from loratune.training.loop import TrainingError, latest_checkpoint, lr_lambda, make_optimizer, train
+
+from conftest import rel_err
+
+
+def _cfg(tiny_dir, data_files, out, *extra):
+    train_f, eval_f = data_files
+    return load_run_config(None, [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}",
+                                  f"output_dir={out}", "train.max_steps=6", "train.batch_size=4", "lora.r=4",
+                                  "train.lr=1e-2", "data.max_seq_len=64", *extra])
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_training_lowers_loss_and_writes_outputs(tiny_dir, data_files, tmp_path):
+    res = train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=12"), progress=False)
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja",
+                 "loss_curve.png", "metrics.jsonl", "run_config.yaml"):
+        assert (tmp_path / name).is_file(), name
+    assert "eval_loss" in res.history[-1]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 12
+    assert not fused.holds_input()  # the last x⊙mask is let go after training
+
+
+def test_killed_and_resumed_run_ends_with_the_same_adapter(tiny_dir, data_files, tmp_path):
+    full = tmp_path / "full"
+    train(_cfg(tiny_dir, data_files, full, "train.save_every=2"), progress=False)
+    part = tmp_path / "part"
+    cfg = _cfg(tiny_dir, data_files, part, "train.save_every=2")
+    train(cfg, progress=False, stop_after=3)  # "killed" after step 3: last checkpoint is step 2
+    assert latest_checkpoint(part).name == "step-0000002"
+    res = train(cfg, progress=False)  # the same command again resumes
+    assert [h["step"] for h in res.history] == list(range(1, 7))
+    a, b = _adapter(full), _adapter(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+
+
+def test_output_dir_with_another_config_is_refused(tiny_dir, data_files, tmp_path):
+    train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=1"), progress=False)
+    with pytest.raises(TrainingError, match=r"different config \(lora.r: 4 -> 8\).*--overwrite"):
+        train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=1", "lora.r=8"), progress=False)
+    train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=1", "lora.r=8"), overwrite=True, progress=False)
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_dir, data_files, tmp_path):
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.save_every=1")
+    train(cfg, progress=False, stop_after=2)
+    state = latest_checkpoint(tmp_path) / "trainer_state.json"
+    d = json.loads(state.read_text())
+    d["config"] = d["config"].replace("r: 4", "r: 5")
+    state.write_text(json.dumps(d))
+    with pytest.raises(TrainingError, match="checkpoint .* different config"):
+        train(cfg, progress=False)
+
+
+def test_non_finite_loss_names_the_step(tiny_dir, data_files, tmp_path):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step 2; lower train.lr"):
+        train(_cfg(tiny_dir, data_files, tmp_path, "train.lr=1e30", "train.max_grad_norm=0", "train.max_steps=3"),
+              progress=False)
+
+
+def test_grad_accum_equals_bigger_batch(tiny_dir, data_files, tmp_path):
+    base = ["lora.dropout=0"]
+    train(_cfg(tiny_dir, data_files, tmp_path / "a", *base, "train.batch_size=8"), progress=False)
+    train(_cfg(tiny_dir, data_files, tmp_path / "b", *base, "train.batch_size=4", "train.grad_accum=2"),
+          progress=False)
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    for k in a:  # same math, another summation order: equal to float rounding
+        assert rel_err(b[k], a[k]) <= 1e-5, k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tiny_dir, data_files, tmp_path):
+    """2 gloo processes at batch 4 = 1 process at batch 4 × grad_accum 2 (same global batch)."""
+    base = ["lora.dropout=0", "train.batch_size=4"]
+    train(_cfg(tiny_dir, data_files, tmp_path / "one", *base, "train.grad_accum=2"), progress=False)
+    train_f, eval_f = data_files
+    args = [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}", f"output_dir={tmp_path / 'two'}",
+            "train.max_steps=6", "lora.r=4", "train.lr=1e-2", "data.max_seq_len=64", *base]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "-m", "loratune", "train", str(cfg_file), *args, "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert rel_err(b[k], a[k]) <= 1e-5, k
+
+
+def test_loraplus_gives_b_a_larger_lr(tiny_dir, data_files, tmp_path):
+    from loratune import LoraConfig, get_lora_model
+
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.loraplus_lr_ratio=16")
+    lm = get_lora_model(LlamaForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    opt = make_optimizer(lm, cfg.train)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 0.16]
+    b_params = {id(ad.lora_B) for _, layer in lm.lora_layers() for ad in layer.adapters.values()}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == b_params
+
+
+def test_schedules():
+    f = lr_lambda("cosine", warmup=2, total=10)
+    assert f(0) < f(1) < f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.0)
+    assert lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
+    assert lr_lambda("constant", 0, 10)(9) == 1.0
+
+
+def test_logged_lr_is_the_rate_the_step_used(tiny_dir, data_files, tmp_path):
+    res = train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=3", "train.warmup_ratio=0",
+                     "train.scheduler=linear"), progress=False)
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+
+
+def test_rerunning_a_finished_run_trains_nothing(tiny_dir, data_files, tmp_path, capsys):
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.max_steps=3", "train.save_every=0")
+    train(cfg, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step-0000003"  # the last step is always checkpointed
+    first = _adapter(tmp_path)
+    res = train(cfg, progress=False)
+    assert "run already complete" in capsys.readouterr().out
+    assert [h["step"] for h in res.history] == [1, 2, 3]
+    assert all(torch.equal(first[k], v) for k, v in _adapter(tmp_path).items())
+
+
+def test_run_records_data_report_prompt_and_absolute_base_path(tiny_dir, data_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_dir.parent)
+    cfg = _cfg(tiny_dir.name, data_files, tmp_path, "train.max_steps=1", "data.system_prompt=Be brief.")
+    train(cfg, progress=False)
+    assert "train: examples ready: 32" in (tmp_path / "data_report.txt").read_text()
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_dir.resolve())  # usable from any working directory
+    assert json.loads((tmp_path / "adapter" / "loratune_prompt.json").read_text()) == {"system_prompt": "Be brief."}
