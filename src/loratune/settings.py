@@ -16,13 +16,13 @@ variable           field           values (default first)      what it does
 
 Booleans read 1/true/on/yes and 0/false/off/no; a value not understood warns once and the default applies.
 Nothing else in loratune reads ``os.environ`` for these. Code (tests, benchmarks) changes them for a block with
-``override(fused=False)``; the change is local to the thread (or task) that makes it.
+``override(fused=False)``, for the whole process until the block ends. (A plain module global, not a context
+variable: torch.compile traces a global read, and breaks its graph on ``ContextVar.get``.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import os
 import shutil
@@ -84,18 +84,17 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
     )
 
 
-_current: contextvars.ContextVar[Settings] = contextvars.ContextVar(
-    "loratune_settings", default=from_environment())  # noqa: B039 (Settings is frozen: it is never mutated)
+_current: Settings = from_environment()
 
 
 def get() -> Settings:
-    """The settings in force here (the environment's, unless ``override`` changed them)."""
-    return _current.get()
+    """The settings in force (the environment's, unless ``override`` changed them)."""
+    return _current
 
 
 def cache_dir() -> Path:
     """Where loratune keeps converted models and built kernels (``LORATUNE_CACHE``)."""
-    return _current.get().cache
+    return _current.cache
 
 
 @contextlib.contextmanager
@@ -104,8 +103,10 @@ def override(**changes) -> Iterator[Settings]:
     unknown = set(changes) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise TypeError(f"unknown setting(s) {sorted(unknown)}; see loratune.settings.Settings")
-    token = _current.set(dataclasses.replace(_current.get(), **changes))
+    global _current
+    before = _current
+    _current = dataclasses.replace(before, **changes)
     try:
-        yield _current.get()
+        yield _current
     finally:
-        _current.reset(token)
+        _current = before

@@ -86,29 +86,25 @@ def _threads() -> int:
     return LIBRARY.threads()
 
 
-# --- the kernel as torch custom ops (fake implementations: torch.compile and meta tracing see one op each) ---------
-@torch.library.custom_op("loratune::dropout_keep_mask", mutates_args=("keep",))
-def _keep_mask_op(keep: torch.Tensor, seed: int, p: float) -> None:
+# --- the kernel's entry points, also as torch custom ops --------------------------------------------------------------
+# Fake implementations let torch.compile and meta-device tracing see one op each; eager calls go to the kernel
+# directly (through the dispatcher the custom-op path made the training step ~5 % longer, ops/blocks.py).
+def _fill_keep_mask(keep: torch.Tensor, seed: int, p: float) -> None:
     """Fill the contiguous bool ``keep`` with the keep mask of its flattened elements."""
     LIBRARY.lib.lt_keep_mask(keep.data_ptr(), 0, keep.numel(), seed, *thresholds(p), _threads())
 
 
-@_keep_mask_op.register_fake
-def _(keep, seed, p):
-    return None
-
-
-@torch.library.custom_op("loratune::seeded_dropout", mutates_args=("out",))
-def _seeded_dropout_op(src: torch.Tensor, out: torch.Tensor, seed: int, p: float) -> None:
+def _dropout_into(src: torch.Tensor, out: torch.Tensor, seed: int, p: float) -> None:
     """out = src ⊙ keep for a float32/float64 CPU ``src`` and a contiguous ``out`` of its size (``out`` may be src)."""
     fn = LIBRARY.lib.lt_dropout_f32 if src.dtype == torch.float32 else LIBRARY.lib.lt_dropout_f64
     src = src.contiguous()
     fn(src.data_ptr(), out.data_ptr(), 0, src.numel(), seed, *thresholds(p), _threads())
 
 
-@_seeded_dropout_op.register_fake
-def _(src, out, seed, p):
-    return None
+_keep_mask_op = torch.library.custom_op("loratune::dropout_keep_mask", _fill_keep_mask, mutates_args=("keep",))
+_seeded_dropout_op = torch.library.custom_op("loratune::seeded_dropout", _dropout_into, mutates_args=("out",))
+_keep_mask_op.register_fake(lambda keep, seed, p: None)
+_seeded_dropout_op.register_fake(lambda src, out, seed, p: None)
 
 
 # --- masks on tensors --------------------------------------------------------------------------------------------
@@ -117,7 +113,7 @@ def keep_mask(shape: torch.Size, seed: int, p: float) -> torch.Tensor:
     if kernel() is None:
         return torch.from_numpy(keep_mask_reference(shape.numel(), seed, p)).view(shape)
     keep = torch.empty(shape, dtype=torch.bool)
-    _keep_mask_op(keep, seed, p)
+    (_keep_mask_op if torch.compiler.is_compiling() else _fill_keep_mask)(keep, seed, p)
     return keep
 
 
@@ -134,5 +130,5 @@ def apply_mask(src: torch.Tensor, seed: int, p: float, out: torch.Tensor | None 
     out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
     if kernel() is None or src.dtype not in (torch.float32, torch.float64) or not out.is_contiguous():
         return multiply_by_mask(src, keep_mask(src.shape, seed, p), out)
-    _seeded_dropout_op(src, out, seed, p)
+    (_seeded_dropout_op if torch.compiler.is_compiling() else _dropout_into)(src, out, seed, p)
     return out
