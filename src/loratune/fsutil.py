@@ -85,10 +85,10 @@ def atomic_dir(target: str | Path, exists: str = "replace") -> Iterator[Path]:
     """Yield a new empty directory beside ``target`` to fill; on a normal exit it gets public modes, is flushed to
     disk and renamed to ``target``. On an exception it is removed and ``target`` is untouched.
 
-    Where ``target`` already exists: ``exists="replace"`` moves the old one aside, renames the new one in, then
-    removes the old one (so ``target`` is never missing or half-written); ``"keep"`` keeps the existing one (another
-    process finished the same work first) and discards the new one. Only a directory that loratune wrote should be
-    replaced: callers decide that before they call this.
+    Where ``target`` is an empty directory, the rename replaces it. Where it holds something: ``exists="replace"``
+    moves the old one aside, renames the new one in, then removes the old one (so ``target`` is never missing or
+    half-written); ``"keep"`` keeps the existing one (another process finished the same work first) and discards the
+    new one. Only a directory that loratune wrote should be replaced: callers decide that before they call this.
     """
     if exists not in ("replace", "keep"):
         raise ValueError(f"exists must be 'replace' or 'keep', got {exists!r}")
@@ -99,13 +99,12 @@ def atomic_dir(target: str | Path, exists: str = "replace") -> Iterator[Path]:
         yield tmp
         public_modes(tmp)
         _sync_tree(tmp)
-        if not target.exists():
-            try:
-                tmp.rename(target)
-                tmp = None
-            except OSError:
-                if not target.exists():
-                    raise
+        try:
+            tmp.rename(target)  # where target is missing, or an empty directory (which rename replaces)
+            tmp = None
+        except OSError:
+            if not target.exists():
+                raise
         if tmp is not None and exists == "replace":
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             target.rename(old / "d")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ class LoraConfig:
         p: list[str] = []
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             p.append(f"r must be a positive integer, got {self.r!r} (use e.g. r=8)")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             p.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r} (use e.g. lora_alpha=16)")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             p.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r} (use e.g. 0.05)")
@@ -77,8 +79,12 @@ class LoraConfig:
             p.append('target_modules is required (a list of module names, a regex, or "all-linear")')
         elif not _is_names(self.target_modules):
             p.append(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
+        elif self.target_modules != "all-linear":
+            p.extend(_regex_problems("target_modules", self.target_modules))
         if self.exclude_modules is not None and not _is_names(self.exclude_modules):
             p.append(f"exclude_modules must be a list of names or a regex string, got {self.exclude_modules!r}")
+        elif self.exclude_modules is not None:
+            p.extend(_regex_problems("exclude_modules", self.exclude_modules))
         if self.bias not in BIAS_MODES:
             p.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -90,12 +96,18 @@ class LoraConfig:
             p.append(f"layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             p.append("layers_pattern only applies with layers_to_transform; set both or neither")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                p.append(f"{name} must be a mapping of module-name patterns to values, got {getattr(self, name)!r}")
+                setattr(self, name, {})
         for key, value in self.rank_pattern.items():
             if not _is_int(value) or value <= 0:
                 p.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+            p.extend(_regex_problems(f"rank_pattern key {key!r}", str(key)))
         for key, value in self.alpha_pattern.items():
-            if not _is_number(value) or value <= 0:
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
                 p.append(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+            p.extend(_regex_problems(f"alpha_pattern key {key!r}", str(key)))
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)
         ):
@@ -136,8 +148,8 @@ class LoraConfig:
     def from_json(cls, path: str | Path) -> LoraConfig:
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON
             raise ConfigError(f"cannot read {path}: {e}; re-save the adapter") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path} must hold a JSON object; re-save the adapter")
@@ -165,6 +177,18 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _regex_problems(what: str, spec: list[str] | str) -> list[str]:
+    """A problem for a string that is not a valid regex (a list of names is matched literally: no problem)."""
+    if not isinstance(spec, str):
+        return []
+    try:
+        re.compile(spec)
+    except re.error as e:
+        return [f"{what} is not a valid regular expression ({e}): fix the pattern, or give a list of module "
+                f"names instead, e.g. [q_proj, v_proj]"]
+    return []
 
 
 def _is_names(v: Any) -> bool:

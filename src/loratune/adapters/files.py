@@ -23,13 +23,21 @@ def save_adapter(lora_model, directory: Path, name: str) -> None:
     base = getattr(getattr(lora_model.model, "config", None), "_name_or_path", None)
     d = cfg.to_dict()
     d["base_model_name_or_path"] = cfg.base_model_name_or_path or base or None
-    save_tensors(state.adapter_tensors(lora_model.model, cfg, name), directory / WEIGHTS_NAME,
-                 metadata={"format": "pt"})
-    save_json(d, directory / CONFIG_NAME)
+    try:
+        save_tensors(state.adapter_tensors(lora_model.model, cfg, name), directory / WEIGHTS_NAME,
+                     metadata={"format": "pt"})
+        save_json(d, directory / CONFIG_NAME)
+    except OSError as e:
+        raise AdapterFileError(f"cannot write the adapter to {directory}: {e.strerror or e}; choose a writable "
+                               "directory (not an existing file)") from None
 
 
 def check_adapter_dir(directory: Path) -> None:
     """A one-line AdapterFileError unless ``directory`` holds both of PEFT's adapter files."""
+    if directory.is_file():
+        raise AdapterFileError(f"adapter path {directory} is a file; pass the folder that holds {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME}" + (" (its parent)" if directory.name in (CONFIG_NAME, WEIGHTS_NAME)
+                                                    else ""))
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {directory} does not exist; pass the folder that holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")

@@ -14,7 +14,7 @@ from ..errors import AdapterFileError, ConfigError, LoraTuneError
 from . import files, state
 from .config import LoraConfig
 from .layers import BASE, LoraLayer, ModulesToSave, lora_class_for
-from .targets import SEQ_CLS_HEADS, all_linear_targets, in_layers, name_matches, pattern_value
+from .targets import SEQ_CLS_HEADS, all_linear_targets, in_layers, layer_index, name_matches, pattern_value
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
@@ -60,7 +60,7 @@ class LoraModel(nn.Module):
             raise ConfigError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots")
         config = dataclasses.replace(config)  # our own copy: injection fills in targets
         if config.target_modules == "all-linear":
-            config.target_modules = all_linear_targets(self.model)
+            config.target_modules = all_linear_targets(self.model, wrapped=(LoraLayer, ModulesToSave))
         if config.task_type == "SEQ_CLS":  # as PEFT: a classifier's fresh head must be trained and saved
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(SEQ_CLS_HEADS))
         self._inject(adapter_name, config)
@@ -71,7 +71,7 @@ class LoraModel(nn.Module):
 
     def _inject(self, name: str, cfg: LoraConfig) -> None:
         # Scan first, change nothing until the whole config is known to fit.
-        targetable, matched, to_save, wrapped = set(), [], [], []
+        targetable, named, matched, to_save, wrapped = set(), [], [], [], []
         for path, module in self.model.named_modules():
             if any(path.startswith(p) for p in wrapped):
                 continue  # inside a wrapper: its base_layer/copies are not targets themselves
@@ -85,13 +85,22 @@ class LoraModel(nn.Module):
             if cls is None or not path:
                 continue
             targetable.add(path.rsplit(".", 1)[-1])
+            if not name_matches(path, cfg.target_modules):
+                continue
+            named.append(path)
             exact = isinstance(cfg.target_modules, list) and path in cfg.target_modules  # PEFT: no layer filter
-            if (name_matches(path, cfg.target_modules) and not name_matches(path, cfg.exclude_modules)
-                    and (exact or in_layers(path, cfg.layers_to_transform, cfg.layers_pattern))):
+            if not name_matches(path, cfg.exclude_modules) and \
+                    (exact or in_layers(path, cfg.layers_to_transform, cfg.layers_pattern)):
                 matched.append((path, module, cls))
         if not matched:
-            raise ConfigError(f"target_modules={cfg.target_modules!r} matched no module of "
-                              f"{type(self.model).__name__}; modules that can be targeted: {sorted(targetable)}")
+            raise ConfigError(self._no_match(cfg, named, targetable))
+        saved = {p for p, _ in to_save}
+        missing = [m for m in cfg.modules_to_save or [] if m not in SEQ_CLS_HEADS
+                   and not any(name_matches(p, [m]) for p in saved)]
+        if missing:  # (the classifier heads that task_type="SEQ_CLS" adds are optional, as in PEFT)
+            tops = sorted({p.rsplit(".", 1)[-1] for p, _ in self.model.named_children()})
+            raise ConfigError(f"modules_to_save={missing} matched no module of {type(self.model).__name__}; "
+                              f"give module names it has (its top-level modules: {tops})")
         for path, module, cls in matched:
             layer = module if isinstance(module, LoraLayer) else cls(module)
             if layer is not module:
@@ -105,6 +114,23 @@ class LoraModel(nn.Module):
             if wrapper is not module:
                 self.model.set_submodule(path, wrapper)
             wrapper.add_adapter(name)
+
+    def _no_match(self, cfg: LoraConfig, named: list[str], targetable: set[str]) -> str:
+        """Why no module was targeted: nothing has these names, or a filter removed all that do."""
+        model = type(self.model).__name__
+        if not named:
+            return (f"target_modules={cfg.target_modules!r} matched no module of {model}; modules that can be "
+                    f"targeted: {sorted(targetable)}")
+        excluded = [p for p in named if name_matches(p, cfg.exclude_modules)]
+        if len(excluded) == len(named):
+            return (f"target_modules={cfg.target_modules!r} matched {len(named)} module(s) of {model}, but "
+                    f"exclude_modules={cfg.exclude_modules!r} removed all of them; narrow exclude_modules")
+        layers = sorted({i for p in named if (i := layer_index(p, cfg.layers_pattern)) is not None})
+        span = f"its layers are {layers[0]}..{layers[-1]}" if layers else "no numbered layers were found in their names"
+        return (f"target_modules={cfg.target_modules!r} matched {len(named)} module(s) of {model}, but "
+                f"layers_to_transform={cfg.layers_to_transform!r}"
+                + (f" with layers_pattern={cfg.layers_pattern!r}" if cfg.layers_pattern else "")
+                + f" kept none of them ({span}); pick layers in that range")
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make one adapter (or several, summed) active; only active adapters train."""

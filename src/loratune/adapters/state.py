@@ -85,7 +85,14 @@ def load_adapter_state(model: nn.Module, config: LoraConfig, name: str, found: d
                                f"e.g. '{missing[0]}'; re-save the adapter")
     pairs = [*((k, expected[k]) for k in expected), *((k, model.get_parameter(k[len(PREFIX):])) for k in extra_base)]
     for key, target in pairs:  # check everything before changing anything
-        if found[key].shape != target.shape:
+        t = found[key]
+        if not t.is_floating_point():
+            raise AdapterFileError(f"adapter in {source}: tensor '{key}' is {t.dtype}, not a floating-point tensor; "
+                                   "the file is damaged or not a LoRA adapter (re-save it)")
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"adapter in {source}: tensor '{key}' holds NaN or infinite values; the adapter "
+                                   "is broken (retrain it, or use an earlier checkpoint)")
+        if t.shape != target.shape:
             module = module_of(key)
             part = key[len(PREFIX) + len(module) + 1:]
             raise AdapterFileError(f"adapter in {source}: module '{module}' needs {tuple(target.shape)} for "

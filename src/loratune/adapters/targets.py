@@ -48,12 +48,22 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def all_linear_targets(model: nn.Module) -> list[str]:
-    """Leaf names of every Linear/Conv1D except the output head, as PEFT expands "all-linear"."""
+def all_linear_targets(model: nn.Module, wrapped: tuple[type, ...] = ()) -> list[str]:
+    """Leaf names of every Linear/Conv1D except the output head, as PEFT expands "all-linear".
+
+    ``wrapped`` are the types of modules that wrap a base module (LoRA layers, modules_to_save): such a wrapper
+    counts as the module it wraps (its ``base_layer``), and nothing inside it is a target of its own, so a second
+    all-linear adapter finds the same modules as the first."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
+    heads = {id(head), id(getattr(head, "base_layer", None))} if head is not None else set()
+    names, inside = set(), []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, wrapped):
+            inside.append(name + ".")
+            module = getattr(module, "base_layer", None)
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in heads:
             leaf = name.rsplit(".", 1)[-1]
             if leaf not in SEQ_CLS_HEADS:
                 names.add(leaf)

@@ -34,28 +34,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     e.add_argument("--format", default="auto", help="data format (default: detect)")
     e.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--batch-size", type=_positive, default=32)
+    e.add_argument("--max-new-tokens", type=_positive, default=32)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     g = sub.add_parser("generate", help="complete one prompt with an adapter")
     g.add_argument("prompt")
     g.add_argument("--adapter", help="adapter directory")
     g.add_argument("--model", help="base model (default: the adapter's)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=_positive, default=128)
     g.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
 
     c = sub.add_parser("chat", help="interactive chat with an adapter (empty line or Ctrl-D quits)")
     c.add_argument("--adapter", help="adapter directory")
     c.add_argument("--model", help="base model (default: the adapter's)")
-    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--max-new-tokens", type=_positive, default=256)
     c.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
 
     m = sub.add_parser("merge", help="merge an adapter into its base and save an HF model",
                        description="Write base + adapter as one HF-format model (safetensors, tokenizer).")
     m.add_argument("--adapter", required=True)
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="a new or empty directory, or one an earlier merge wrote")
     m.add_argument("--model", help="base model (default: the adapter's)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that loratune did not write")
 
     q = sub.add_parser("quickstart", help="the main job: fine-tune the bundled model on ISO dates",
                        description="Generate the dates task, measure the base model, fine-tune, measure again, "
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=40")
     q.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,13 @@ prompts."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..adapters import LoraModel
 from ..adapters.files import read_adapter_config
 from ..data import DataConfig, prepare_eval
+from ..errors import AdapterFileError
 from ..models import load_base_model
 from ..training.evaluate import eval_loss, exact_match, generate_batch
 from ..training.loop import PROMPT_FILE, require_causal_lm
@@ -27,12 +29,43 @@ def load_for_inference(adapter: str | None, model_name: str | None, system_promp
     if adapter is None:
         return model, tok, system_prompt
     if (Path(adapter) / "tokenizer_config.json").is_file():  # saved by `loratune train`, with its template
-        tok = AutoTokenizer.from_pretrained(adapter)
+        try:
+            tok = AutoTokenizer.from_pretrained(adapter)
+        except (OSError, ValueError) as e:  # not UTF-8, not JSON, a missing vocabulary file
+            raise AdapterFileError(f"the tokenizer saved in {adapter} cannot be read ({_first_line(e)}); re-copy the "
+                                   "adapter, or delete its tokenizer files to use the base model's") from None
         tok.pad_token = tok.pad_token or tok.eos_token
-    prompt_file = Path(adapter) / PROMPT_FILE
-    if system_prompt is None and prompt_file.is_file():
-        system_prompt = json.loads(prompt_file.read_text()).get("system_prompt")
+    if system_prompt is None:
+        system_prompt = _saved_system_prompt(Path(adapter) / PROMPT_FILE)
     return LoraModel.from_pretrained(model, adapter), tok, system_prompt
+
+
+def _saved_system_prompt(path: Path) -> str | None:
+    """The system prompt ``loratune train`` recorded beside the adapter (None where there is none)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterFileError(f"{path} is damaged ({_first_line(e)}); delete it or pass --system-prompt") from None
+    prompt = saved.get("system_prompt") if isinstance(saved, dict) else ""
+    if prompt is not None and not isinstance(prompt, str):
+        raise AdapterFileError(f"{path}: system_prompt must be text or null; fix it or pass --system-prompt")
+    return prompt
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def finite_or_none(rows: dict) -> dict:
+    """``rows`` with every NaN or infinite number replaced by None: JSON has no NaN."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return clean(rows)
 
 
 def prompt_ids(tok, messages: list[dict], system_prompt: str | None) -> list[int]:
@@ -61,7 +94,7 @@ def cmd_eval(args) -> int:
     else:
         measure("base")
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(finite_or_none(rows), indent=2, allow_nan=False))
     else:
         print_table(rows)
     return 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..formats.merged import save_merged
+from ..formats.merged import check_target, save_merged
 from .infer import load_for_inference
 
 
 def cmd_merge(args) -> int:
+    check_target(Path(args.out), args.overwrite, keep_inside=(Path(args.adapter),))
     model, tok, _ = load_for_inference(args.adapter, args.model)
     save_merged(model, tok, Path(args.out))
     print(f"merged model written to {args.out}")

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from ..data import prepare
 from ..data.dates_task import make_dates_task
+from ..errors import LoraTuneError
 from ..formats.merged import save_merged
 from ..models import load_base_model
 from ..training.config import load_run_config
 from ..training.evaluate import exact_match
-from ..training.loop import train
+from ..training.loop import fit_to_model, train
+from ..training.rundir import check_output_dir
 from .output import print_summary
 
 # Tuned on a 2-core CPU to finish well inside 5 minutes: short rows, a high LoRA learning rate.
@@ -30,11 +32,15 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, 
                    n_eval: int = 100) -> dict:
     """Run the main job into ``out``; returns held-out exact match before and after, and the seconds taken."""
     t0 = time.time()
+    if out.is_dir() and any(out.iterdir()) and not (out / "run_config.yaml").is_file():
+        raise LoraTuneError(f"--out {out} is not empty and holds no earlier run; give a new or empty directory "
+                            "(quickstart writes data/, adapter/, merged/ and more into it)")
+    check_output_dir(out, "", overwrite=True)  # a file, or unwritable: said before anything is written
     train_file, eval_file = make_dates_task(out / "data", n_train=n_train, n_eval=n_eval, seed=0)
     cfg = load_run_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
                                  *overrides], defaults=QUICKSTART)
     model, tok = load_base_model(cfg.model)
-    data = prepare(cfg.data, tok, seed=cfg.train.seed)
+    data = prepare(fit_to_model(cfg.data, model), tok, seed=cfg.train.seed)
     bs, mnt = cfg.train.eval_batch_size, 16
     print(f"[{time.time() - t0:5.0f}s] measuring the base model on {len(data.eval)} held-out rows", flush=True)
     before = exact_match(model, tok, data.eval, bs, mnt)

@@ -10,7 +10,7 @@ from ..data import collate, format_example, prepare
 from ..models import load_base_model
 from ..training.config import dump_run_config, load_run_config
 from ..training.evaluate import response_loss_sum
-from ..training.loop import train
+from ..training.loop import fit_to_model, train
 from ..training.optim import total_steps
 from .output import print_summary
 
@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
 def dry_run(cfg) -> int:
     print("# resolved config\n" + dump_run_config(cfg))
     model, tok = load_base_model(cfg.model)
-    data = prepare(cfg.data, tok, seed=cfg.train.seed)
+    data = prepare(fit_to_model(cfg.data, model), tok, seed=cfg.train.seed)
     print("# data")
     for line in data.report_lines():
         print("  " + line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import DataError, closest
 from ..ops import IGNORE_INDEX
@@ -51,8 +52,22 @@ class DataConfig:
             raise DataError(f"data.overlength must be 'drop' or 'truncate', got {self.overlength!r}")
         if self.max_seq_len < 2:
             raise DataError(f"data.max_seq_len must be ≥ 2, got {self.max_seq_len}")
+        if self.chat_template is not None and "{{" not in self.chat_template and "{%" not in self.chat_template:
+            self.chat_template = _template_file(self.chat_template)  # not a template: the path of one
         if not 0.0 <= self.eval_split < 1.0:
             raise DataError(f"data.eval_split must be a fraction in [0, 1), got {self.eval_split}")
+
+
+def _template_file(path: str) -> str:
+    """The Jinja template held in the file ``path`` (``data.chat_template`` given as a path)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data.chat_template={path!r} is neither a Jinja template (no {{{{ or {{% in it) nor an "
+                        "existing file; give the template text or the path of a file that holds it")
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"data.chat_template: cannot read {p} as text ({e}); save it as UTF-8") from None
 
 
 @dataclass

@@ -1,19 +1,45 @@
 """A merged model: base + adapter written as one HF model directory (safetensors, tokenizer, chat template) that
-``AutoModelForCausalLM.from_pretrained`` loads."""
+``AutoModelForCausalLM.from_pretrained`` loads. A marker file says loratune wrote it, so that a later merge may
+replace it, and nothing else is ever replaced without ``overwrite``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ..fsutil import atomic_dir
+from ..errors import LoraTuneError
+from ..fsutil import atomic_dir, save_json
+
+MARKER = ".loratune-merged.json"  # written into every merged directory
+
+
+def check_target(out: Path, overwrite: bool = False, keep_inside: tuple[Path, ...] = ()) -> None:
+    """Refuse an ``out`` that a merge must not write: a file, an unwritable place, the working directory or one
+    that holds it (or holds one of ``keep_inside``, e.g. the adapter being merged), or a non-empty directory
+    loratune did not write (unless ``overwrite``). Checked before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise LoraTuneError(f"--out {out} is a file; give a directory (new, empty, or an earlier merge's)")
+    resolved = out.resolve()
+    for inner in (Path.cwd(), *keep_inside):
+        inner = inner.resolve()
+        if resolved == inner or resolved in inner.parents:
+            raise LoraTuneError(f"--out {out} is or holds {inner}, which must not be replaced; give a new "
+                                "directory such as merged/")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LoraTuneError(f"--out {out} cannot be written ({existing} is not a writable directory); choose a "
+                            "directory you can write to")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise LoraTuneError(f"--out {out} is not empty and was not written by loratune merge; give a new or empty "
+                            "directory, or pass --overwrite to replace it (its contents are then deleted)")
 
 
 def save_merged(lora_model, tok, out: Path) -> None:
     """``lora_model`` (a LoraModel) merged into its base, with ``tok``, as one HF model directory ``out``, written
-    whole (``fsutil.atomic_dir``; an existing ``out`` is replaced only once the new one is complete)."""
+    whole (``fsutil.atomic_dir``: an existing ``out`` is replaced only once the new one is complete)."""
     merged = lora_model.merge_and_unload(safe_merge=True)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-
-
+        save_json({"written_by": "loratune merge", "adapters": list(getattr(lora_model, "peft_config", {}))},
+                  tmp / MARKER)

@@ -4,12 +4,13 @@ not at all; never pickled."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..adapters.files import load_adapter_weights
-from ..errors import LoraTuneError
+from ..errors import AdapterFileError, LoraTuneError
 from ..fsutil import atomic_dir, read_tensors, save_json, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -30,14 +31,37 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str) -> Path:
     """Write checkpoints/step-N of ``model`` (a LoraModel) whole or not at all (``fsutil.atomic_dir``)."""
     final = out / CHECKPOINTS / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
-        tensors, meta = _optimizer_tensors(opt)
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_tensors(tensors, tmp / "trainer_state.safetensors")
-        save_json({"step": step, "optimizer": meta, "scheduler": sched.state_dict(), "config": config_text},
-                  tmp / "trainer_state.json")
+    try:
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp / "adapter")
+            tensors, meta = _optimizer_tensors(opt)
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_tensors(tensors, tmp / "trainer_state.safetensors")
+            save_json({"step": step, "optimizer": meta, "scheduler": sched.state_dict(), "config": config_text},
+                      tmp / "trainer_state.json")
+    except (OSError, AdapterFileError) as e:  # a full disk, say: the temp dir is gone, older checkpoints stand
+        last = latest_checkpoint(out)
+        raise TrainingError(f"could not write checkpoint {final.name} ({getattr(e, 'strerror', None) or e}); free "
+                            "disk space and run the same command again: it resumes from "
+                            + (last.name if last else "the start")) from None
     return final
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (each one this run wrote under checkpoints/)."""
+    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "trainer_state.json").is_file())
+    for old in done[:-max(1, keep)]:
+        shutil.rmtree(old)
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove what a killed write left behind: ``atomic_dir``'s temp and set-aside directories of this run's
+    checkpoints and adapter (their names are loratune's own: ``.step-N.tmp-*``, ``.adapter.old-*``). Returns them."""
+    stale = [*(out / CHECKPOINTS).glob(".step-*.tmp-*"), *(out / CHECKPOINTS).glob(".step-*.old-*"),
+             *out.glob(".adapter.tmp-*"), *out.glob(".adapter.old-*")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def latest_checkpoint(out: Path) -> Path | None:

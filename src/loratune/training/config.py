@@ -10,6 +10,7 @@ short name and its long name with different values is an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 import warnings
@@ -41,6 +42,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end
     save_every: int = 0  # steps; 0 = no intermediate checkpoints
     loraplus_lr_ratio: float | None = None  # LoRA+: B learns this many times faster than A
+    keep_checkpoints: int = 2  # how many step-N checkpoints to keep (the last one always)
     eval_batch_size: int = 32
     max_new_tokens: int = 32
 
@@ -51,14 +53,28 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 p.append(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                p.append(f"train.{name} must be ≥ 0, got {getattr(self, name)} (0 means: only at the end)"
+                         if name != "seed" else f"train.seed must be ≥ 0, got {self.seed}")
+        if self.keep_checkpoints < 1:
+            p.append(f"train.keep_checkpoints must be ≥ 1 (the last checkpoint is always kept), got "
+                     f"{self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"train.max_steps must be ≥ 1, got {self.max_steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            p.append(f"train.epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0:
-            p.append(f"train.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            p.append(f"train.epochs must be a finite number > 0, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"train.lr must be a finite number > 0, got {self.lr} (e.g. train.lr=2e-4)")
+        if not 0 <= self.warmup_ratio < 1:  # (NaN fails this too)
             p.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            p.append(f"train.weight_decay must be a finite number ≥ 0, got {self.weight_decay} (0 = none)")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            p.append(f"train.max_grad_norm must be a finite number ≥ 0, got {self.max_grad_norm} (0 = no clipping)")
+        if self.loraplus_lr_ratio is not None and not (math.isfinite(self.loraplus_lr_ratio)
+                                                       and self.loraplus_lr_ratio > 0):
+            p.append(f"train.loraplus_lr_ratio must be a finite number > 0 or null, got {self.loraplus_lr_ratio}")
         if p:
             raise ConfigError("; ".join(p))
 
@@ -133,7 +149,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), defaults
     An override of ``lora.alpha`` replaces a ``lora_alpha`` from the file (and the other way round), as an
     override of the same key would; both given in the file, or both as overrides, must agree.
     """
-    raw: dict[str, Any] = {} if path is None else _readas_yaml(Path(path))
+    raw: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     problems: list[str] = []
     for layer in (defaults, overrides):
         overridden: set[str] = set()
@@ -144,13 +160,20 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), defaults
     return build_run_config(raw, problems)
 
 
-def _readas_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass the YAML file itself (see examples/dates.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see examples/ for one to copy")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8); a config is YAML text, see examples/dates.yaml"
+                          ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
     return raw

@@ -9,9 +9,11 @@ grad_accum=2 and two processes with grad_accum=1 compute the same gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +23,16 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..adapters import LoraModel, get_lora_model
-from ..data import PreparedData, collate, prepare
-from ..errors import LoraTuneError
-from ..fsutil import save_json, write_text
+from ..data import DataConfig, PreparedData, collate, prepare
+from ..errors import ConfigWarning, LoraTuneError
+from ..fsutil import atomic_dir, save_json, write_text
 from ..models import BUNDLED, load_base_model
 from . import distributed
-from .checkpoints import TrainingError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import TrainingError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import RunConfig, dump_run_config
 from .evaluate import eval_loss, response_loss_sum
 from .optim import global_batch, lr_lambda, make_optimizer, total_steps
-from .rundir import check_output_dir, claim_output_dir, write_loss_curve
+from .rundir import check_output_dir, claim_output_dir, read_history, write_loss_curve
 
 PROMPT_FILE = "loratune_prompt.json"  # how prompts were built in training, for eval/generate/chat
 __all__ = ["PROMPT_FILE", "RunResult", "TrainingError", "require_causal_lm", "train"]
@@ -45,6 +47,18 @@ class RunResult:
     history: list[dict]
     steps: int
     seconds: float
+
+
+def fit_to_model(data_cfg: DataConfig, model) -> DataConfig:
+    """``data_cfg`` with ``max_seq_len`` cut to the model's ``max_position_embeddings`` (with a note) where it is
+    longer: packed rows would otherwise run past the positions the model was trained for."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 1 < limit < data_cfg.max_seq_len:
+        warnings.warn(f"data.max_seq_len={data_cfg.max_seq_len} is beyond the model's max_position_embeddings="
+                      f"{limit}; rows are limited to {limit} tokens (set data.max_seq_len to at most {limit})",
+                      ConfigWarning, stacklevel=2)
+        return dataclasses.replace(data_cfg, max_seq_len=limit)
+    return data_cfg
 
 
 def require_causal_lm(model, name: str) -> None:
@@ -77,7 +91,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     model, tok = model_and_tokenizer or load_base_model(cfg.model)
     require_causal_lm(model, cfg.model)
     if data is None:
-        data = prepare(cfg.data, tok, seed=tc.seed)
+        data = prepare(fit_to_model(cfg.data, model), tok, seed=tc.seed)
         if rank == 0 and progress:
             print("data\n  " + "\n  ".join(data.report_lines()), flush=True)
     torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
@@ -113,9 +127,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         torch.manual_seed(tc.seed + 1000 * rank)
 
     log_path = out / "metrics.jsonl"
-    history: list[dict] = [json.loads(line) for line in log_path.read_text().splitlines()] \
-        if start and log_path.is_file() else []
-    history = [h for h in history if h["step"] <= start]
+    history = read_history(log_path, start)
     if rank == 0:  # drop lines a killed run logged after its last checkpoint
         write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
     pad = tok.pad_token_id
@@ -159,6 +171,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
             if step == steps or (tc.save_every and step % tc.save_every == 0):
                 save_checkpoint(out, step, lm, opt, sched, config_text)
+                prune_checkpoints(out, tc.keep_checkpoints)
         if stop_after is not None and step - start >= stop_after:
             break
     bar.close()
@@ -169,11 +182,12 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
 
     adapter_dir = out / "adapter"
     if rank == 0:
-        lm.save_pretrained(adapter_dir)
-        if cfg.data.chat_template:
-            tok.chat_template = cfg.data.chat_template
-        tok.save_pretrained(adapter_dir)  # the chat template travels with the adapter
-        save_json({"system_prompt": cfg.data.system_prompt}, adapter_dir / PROMPT_FILE)
+        with atomic_dir(adapter_dir) as tmp:  # whole or not at all: never new weights beside an old config
+            lm.save_pretrained(tmp)
+            if cfg.data.chat_template:
+                tok.chat_template = cfg.data.chat_template
+            tok.save_pretrained(tmp)  # the chat template travels with the adapter
+            save_json({"system_prompt": cfg.data.system_prompt}, tmp / PROMPT_FILE)
         write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()

@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import yaml
 
+from ..errors import ConfigWarning
 from ..fsutil import write_text
-from .checkpoints import CHECKPOINTS, TrainingError
+from .checkpoints import CHECKPOINTS, TrainingError, latest_checkpoint, remove_stale_temps
+
+OUTPUTS = ("adapter", "merged", "metrics.jsonl", "loss_curve.png", "data_report.txt")  # what a run writes
 
 
 def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
-    """Refuse to mix two different runs in one output dir (read-only: nothing is written before setup works)."""
+    """Refuse an output_dir that cannot hold this run, or that holds another run that trained (read-only: nothing
+    is written before set-up works). A run that never finished a step may be taken over by a corrected command."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output_dir {out} is a file; choose a directory (it is created if missing)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"output_dir {out} cannot be written ({existing} is not a writable directory); choose "
+                            "a directory you can write to")
     saved = out / "run_config.yaml"
+    foreign = [n for n in (*OUTPUTS, CHECKPOINTS) if (out / n).exists()] if not saved.is_file() else []
+    if foreign:  # never written by a run (no run_config.yaml): loratune must not replace or delete them
+        raise TrainingError(f"output_dir {out} holds {', '.join(foreign)} but no run_config.yaml, so it is not a "
+                            "loratune run's directory; choose another output_dir (nothing was changed)")
     old = saved.read_text() if saved.is_file() and not overwrite else config_text
     if old == config_text:
         return
     changed = config_changes(old, config_text)
+    if latest_checkpoint(out) is None:  # it never trained a step: nothing of value to protect
+        warnings.warn(f"{out} holds a run that never finished a step, with another config ({changed}); this run "
+                      "takes its place", ConfigWarning, stacklevel=3)
+        return
     raise TrainingError(f"{out} holds a run with a different config ({changed}); pass --overwrite to replace it "
                         "or choose another output_dir")
 
@@ -38,12 +59,42 @@ def config_changes(old_text: str, new_text: str) -> str:
 
 
 def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
-    """Mark ``out`` as this run's (rank 0, once the model and data are set up)."""
-    if overwrite:
+    """Mark ``out`` as this run's (rank 0, once the model and data are set up). With ``overwrite``, the previous
+    run's outputs go first (only what a run writes: other files in ``out`` are left alone); what a killed write
+    left behind goes in any case."""
+    saved = out / "run_config.yaml"
+    if saved.is_file() and (overwrite or saved.read_text() != config_text):  # replacing a run: its outputs go
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        for name in OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(out):
+        warnings.warn(f"removed {stale.name}, left in {stale.parent} by an interrupted write", ConfigWarning,
+                      stacklevel=3)
     write_text(out / "run_config.yaml", config_text)
+
+
+def read_history(log_path: Path, upto: int) -> list[dict]:
+    """The metrics a resumed run keeps: ``metrics.jsonl``'s records up to step ``upto``. A torn last line (a kill
+    while appending) is dropped with a warning; a damaged line elsewhere is an error naming it."""
+    if not upto or not log_path.is_file():
+        return []
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    history = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                warnings.warn(f"{log_path}: its last line was cut off (an interrupted run); dropped",
+                              ConfigWarning, stacklevel=3)
+                break
+            raise TrainingError(f"{log_path} line {n} is damaged; delete the file to keep training (its curve is "
+                                "then lost) or rerun with --overwrite") from None
+        if isinstance(record, dict) and record.get("step", upto + 1) <= upto:
+            history.append(record)
+    return history
 
 
 def write_loss_curve(history: list[dict], path: Path) -> None:
