@@ -77,3 +77,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_writes_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """Durability: the file (and a directory's files and the directory) reach the disk before they get their
+    name, so a crash cannot leave a named but empty checkpoint or adapter."""
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, type(tmp_path).rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    monkeypatch.setattr(type(tmp_path), "rename",
+                        lambda self, target: events.append(("rename", str(target))) or real_rename(self, target))
+    fsutil.write_text(tmp_path / "f.txt", "x")
+    with fsutil.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "a").write_text("1")
+    names = [e for e in events if e[0] == "rename"]
+    assert names == [("rename", str(tmp_path / "f.txt")), ("rename", str(tmp_path / "d"))]
+    first_rename = events.index(names[0])
+    assert any(kind == "fsync" and ".f.txt." in path for kind, path in events[:first_rename])
+    second = events.index(names[1])
+    synced = [path for kind, path in events[first_rename:second] if kind == "fsync"]
+    assert any(p.endswith("/a") for p in synced) and any(".d.tmp-" in p and not p.endswith("/a") for p in synced)
+    assert events[-1][0] == "fsync"  # and the parent directory after the rename

@@ -73,6 +73,25 @@ def public_modes(root: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def writable_place(path: str | Path) -> str | None:
+    """Why ``path`` (a file or directory to be made) cannot be written, or None where it can: its nearest existing
+    ancestor must be a directory in which a file can really be made (probed with a temp file, removed at once, so
+    read-only and special file systems such as /proc are caught too)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file"
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".loratune-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{existing} is not writable ({e.strerror or e})"
+    return None
+
+
 def _sync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True):  # files before the directories that hold them
         if not path.is_symlink():

@@ -15,8 +15,16 @@ from ..errors import ConfigWarning, LoraTuneError
 EXAMPLE = "examples/dates.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage itself is what --help is for)."""
+
+    def error(self, message: str):
+        hint = "" if "--help" in message else f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning: train, evaluate, merge, serve.")
+    p = _Parser(prog="loratune", description="LoRA fine-tuning: train, evaluate, merge, serve.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config",

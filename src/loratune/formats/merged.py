@@ -4,11 +4,10 @@ replace it, and nothing else is ever replaced without ``overwrite``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import LoraTuneError
-from ..fsutil import atomic_dir, save_json
+from ..fsutil import atomic_dir, save_json, writable_place
 
 MARKER = ".loratune-merged.json"  # written into every merged directory
 
@@ -25,10 +24,9 @@ def check_target(out: Path, overwrite: bool = False, keep_inside: tuple[Path, ..
         if resolved == inner or resolved in inner.parents:
             raise LoraTuneError(f"--out {out} is or holds {inner}, which must not be replaced; give a new "
                                 "directory such as merged/")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise LoraTuneError(f"--out {out} cannot be written ({existing} is not a writable directory); choose a "
-                            "directory you can write to")
+    problem = writable_place(out)
+    if problem:
+        raise LoraTuneError(f"--out {out} cannot be written ({problem}); choose a directory you can write to")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
         raise LoraTuneError(f"--out {out} is not empty and was not written by loratune merge; give a new or empty "
                             "directory, or pass --overwrite to replace it (its contents are then deleted)")

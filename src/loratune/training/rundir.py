@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigWarning
-from ..fsutil import write_text
+from ..fsutil import writable_place, write_text
 from .checkpoints import CHECKPOINTS, TrainingError, latest_checkpoint, remove_stale_temps
 
 OUTPUTS = ("adapter", "merged", "metrics.jsonl", "loss_curve.png", "data_report.txt")  # what a run writes
@@ -22,10 +21,9 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     is written before set-up works). A run that never finished a step may be taken over by a corrected command."""
     if out.exists() and not out.is_dir():
         raise TrainingError(f"output_dir {out} is a file; choose a directory (it is created if missing)")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainingError(f"output_dir {out} cannot be written ({existing} is not a writable directory); choose "
-                            "a directory you can write to")
+    problem = writable_place(out)
+    if problem:
+        raise TrainingError(f"output_dir {out} cannot be written ({problem}); choose a directory you can write to")
     saved = out / "run_config.yaml"
     foreign = [n for n in (*OUTPUTS, CHECKPOINTS) if (out / n).exists()] if not saved.is_file() else []
     if foreign:  # never written by a run (no run_config.yaml): loratune must not replace or delete them
