@@ -120,3 +120,13 @@ def configure():
     """Change loratune's settings for the rest of one test: ``configure(cache=tmp_path, cc="/bin/false")``."""
     with contextlib.ExitStack() as stack:
         yield lambda **changes: stack.enter_context(settings.override(**changes))
+
+
+@pytest.fixture(params=["onednn", "torch"])
+def gemm_route(request, monkeypatch):
+    """Run a test with the products on oneDNN and again on torch.mm (ops/gemm.py): both must be exact."""
+    from loratune.ops import gemm
+
+    monkeypatch.setattr(gemm, "MIN_MACS", 0)  # the tests' tiny products would otherwise stay on torch.mm
+    with settings.override(onednn=request.param == "onednn"):
+        yield request.param

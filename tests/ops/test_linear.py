@@ -13,7 +13,6 @@ from loratune import LoraConfig, get_lora_model, settings
 from loratune.adapters import functional as LF
 from loratune.adapters.layers import BASE, Conv1DLora, LinearLora
 from loratune.ops import dropout as seeded
-from loratune.ops import gemm
 from loratune.ops import linear as fused
 
 from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
@@ -21,12 +20,7 @@ from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True, params=["onednn", "torch"])
-def gemm_route(request, monkeypatch):
-    """Every test here runs with the products on oneDNN and again on torch.mm (gemm.py): both must be exact."""
-    monkeypatch.setattr(gemm, "MIN_MACS", 0)  # the tests' tiny products would otherwise stay on torch.mm
-    with settings.override(onednn=request.param == "onednn"):
-        yield request.param
+pytestmark = pytest.mark.usefixtures("gemm_route")  # every test on oneDNN and again on torch.mm
 
 
 @pytest.fixture(params=["native", "numpy"])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune import LoraConfig, get_lora_model, settings
-from loratune.ops import gemm, losses
+from loratune import LoraConfig, get_lora_model
+from loratune.ops import losses
 from loratune.ops.losses import causal_lm_loss, chunked_causal_lm_loss
 from loratune.training.evaluate import response_loss_sum
 
@@ -17,12 +17,7 @@ from conftest import LLAMA_TARGETS, ids, rel_err, tiny_gpt2, tiny_llama
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True, params=["onednn", "torch"])
-def gemm_route(request, monkeypatch):
-    """Every test here runs with the logits product on oneDNN and again on torch.mm (gemm.py)."""
-    monkeypatch.setattr(gemm, "MIN_MACS", 0)  # the tests' tiny products would otherwise stay on torch.mm
-    with settings.override(onednn=request.param == "onednn"):
-        yield request.param
+pytestmark = pytest.mark.usefixtures("gemm_route")  # every test on oneDNN and again on torch.mm
 
 
 def _reference(h, W, labels, b=None):
