@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from loratune import LoraConfig, LoraTuneError, get_lora_model, load_base_model
+from loratune.cli import main
 from loratune.models import BUNDLED, package_dir, resolve_model_path
 
 
@@ -103,3 +108,144 @@ def test_quickstart_runs_end_to_end_on_a_small_scale(tmp_path, capsys):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "loss_curve.png").is_file()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.num_hidden_layers == 30
+
+
+# ---------------------------------------------------------------- model directories and files that cannot load
+# Each is one LoraTuneError line that names the file and the fix, raised before transformers sees the files.
+
+
+@pytest.fixture
+def model_copy(tiny_dir, tmp_path) -> Path:
+    """A copy of the tiny model (config, safetensors weights, tokenizer) to damage."""
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def no_transformers(monkeypatch):
+    """transformers must not be asked to load anything (nor torch to unpickle)."""
+    import transformers
+
+    def called(*a, **k):
+        raise AssertionError("transformers was called on a directory loratune should have refused")
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_pretrained", called)
+    monkeypatch.setattr(torch, "load", called)
+
+
+def one_line_error(name) -> str:
+    with pytest.raises(LoraTuneError) as e:
+        load_base_model(str(name))
+    message = str(e.value)
+    assert "\n" not in message and "; " in message  # the problem; then the fix
+    return message
+
+
+def test_a_good_copy_loads(model_copy):
+    model, tok = load_base_model(str(model_copy))
+    assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token is not None
+
+
+def test_config_without_weights(model_copy, no_transformers):
+    (model_copy / "model.safetensors").unlink()
+    message = one_line_error(model_copy)
+    assert message.startswith(f"{model_copy} has config.json but no weights (no model.safetensors or "
+                              "model.safetensors.index.json); copy the weight files in, or re-save the model")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "header cut", "git lfs pointer"])
+def test_damaged_weights(model_copy, no_transformers, damage):
+    weights = model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b"",
+                         "header cut": data[:20],
+                         "git lfs pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n"
+                         }[damage])
+    message = one_line_error(model_copy)
+    if damage == "git lfs pointer":
+        assert message.startswith(f"{weights} is a Git LFS pointer, not the weights; fetch them (`git lfs pull`")
+    else:
+        assert message.startswith(f"{weights} is damaged or cut short: not a valid safetensors file (")
+        assert message.endswith("download or copy it again, or re-save the model with transformers' save_pretrained "
+                                "(it writes model.safetensors)")
+
+
+def test_a_shard_missing_from_an_index(model_copy, no_transformers):
+    (model_copy / "model.safetensors").rename(model_copy / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
+                                            "model.norm.weight": "model-00001-of-00002.safetensors"}}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = one_line_error(model_copy)
+    assert "lists weight files that are not in" in message and "model-00002-of-00002.safetensors" in message
+
+
+class _RunsCode:
+    """Unpickling this creates ``marker``: what a malicious pytorch_model.bin could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_pickled_weights_are_refused_before_transformers(model_copy, tmp_path, no_transformers):
+    marker = tmp_path / "unpickled"
+    (model_copy / "model.safetensors").unlink()
+    (model_copy / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
+    message = one_line_error(model_copy)
+    assert message.startswith(f"{model_copy} holds only pickled PyTorch weights (pytorch_model.bin), no "
+                              "model.safetensors; loratune never unpickles (a pickle can run code)")
+    assert "save_pretrained (which writes model.safetensors)" in message
+    assert not marker.exists()
+
+
+def test_beside_safetensors_a_pickle_is_never_read(model_copy, tmp_path):
+    marker = tmp_path / "unpickled"
+    (model_copy / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
+    model, _ = load_base_model(str(model_copy))
+    assert not marker.exists() and model.config.num_hidden_layers == 2
+    config = json.loads((model_copy / "config.json").read_text())  # a config that names the pickle as its weights
+    (model_copy / "config.json").write_text(json.dumps({**config, "transformers_weights": "pytorch_model.bin"}))
+    assert "names the weights file 'pytorch_model.bin', which is not safetensors" in one_line_error(model_copy)
+    with pytest.raises(LoraTuneError, match="safetensors only"):
+        load_base_model(str(model_copy), use_safetensors=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"model_type": "llama",', "is not valid JSON (Expecting property name enclosed in double quotes at line 1"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+])
+def test_config_that_is_not_a_json_object(model_copy, no_transformers, text, says):
+    (model_copy / "config.json").write_text(text)
+    message = one_line_error(model_copy)
+    assert message.startswith(f"{model_copy / 'config.json'} {says}") and "copy config.json from the model" in message
+
+
+def test_a_file_that_is_not_gguf(tmp_path, configure, no_transformers, capsys):
+    configure(cache=tmp_path / "cache")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(os.urandom(1 << 16))
+    message = one_line_error(fake)
+    assert message.startswith(f"{fake} is not a GGUF file (it does not start with the bytes 'GGUF'")
+    assert "download it again, or pass an HF model directory" in message
+    assert not (tmp_path / "cache").exists() and "converting" not in capsys.readouterr().out
+
+
+def test_a_damaged_gguf_is_one_line_and_leaves_no_cache(tmp_path, configure):
+    configure(cache=tmp_path / "cache")
+    bundled = BUNDLED["smollm2-135m-instruct"]
+    fake = tmp_path / "cut.gguf"  # the real file cut short inside its header
+    with (package_dir(bundled) / bundled.subpath).open("rb") as f:
+        fake.write_bytes(f.read(1 << 16))
+    message = one_line_error(fake)
+    assert message.startswith(f"cannot convert {fake.resolve()} to an HF model (") and "download it again" in message
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-converted left
+
+
+def test_cli_shows_a_bad_model_as_one_line(model_copy, capsys):
+    (model_copy / "model.safetensors").write_bytes(b"\0" * 100)
+    assert main(["generate", "hi", "--model", str(model_copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("loratune generate: error: ") and "damaged" in err

