@@ -8,7 +8,10 @@ CPU (the compiled kernel of ``native.py``, or torch ops), each chunk living only
 product. The backward computes only x's gradient (and the bias's, where it trains), g·Ŵ.
 
 It is an ``nn.Linear`` subclass, so whatever looks for linears (PEFT's "all-linear", transformers) still finds it;
-LoRA wraps it like any Linear (``adapters.layers.LAYER_TYPES``) and runs its own term next to it. ``weight`` is the
+LoRA wraps it like any Linear (``adapters.layers.LAYER_TYPES``). On LoRA's fused path the layer lends its weight
+dequantized for the one product (``dense_weight()``), and autograd saves the 4-bit weight in its place, so there too
+the backward dequantizes again and no full-precision copy outlives its product (docs/qlora.md); LoRA's general
+path calls the layer itself and adds its term. ``weight`` is the
 ``NF4Tensor`` (shape (out, in), dtype the compute dtype), not a Parameter; the stored tensors are buffers, so
 ``.to(device)``, ``state_dict`` and ``deepcopy`` work, and dtype casts of the model leave the fp32 scales alone.
 Merging into it (``add_to_weight``) is refused unless forced: see that method.
