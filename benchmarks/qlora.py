@@ -258,12 +258,7 @@ def bench_steps(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--mem-batch", type=int, default=8, help="batch for the peak-memory step (0: skip)")
-    ap.add_argument("--mem-seq", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
+    ts.add_step_args(ap)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--quality", action="store_true",

@@ -559,15 +559,20 @@ def print_table(results: list[dict]) -> None:
                       for r in results))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, checked (one-line errors before any model loads)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_args(ap: argparse.ArgumentParser) -> None:
+    """The flags every step benchmark shares: timing batch, repeats, memory batch, threads."""
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--mem-batch", type=int, default=8, help="batch for the peak-memory step (0: skip)")
     ap.add_argument("--mem-seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked (one-line errors before any model loads)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_args(ap)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] on a GPU")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's dtype (adapters: fp32)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a bundled model's name or an HF folder")
