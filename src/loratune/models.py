@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import settings
+from . import quant, settings
 from .errors import LoraTuneError
 from .fsutil import atomic_dir
 
@@ -150,9 +150,10 @@ def _check_safetensors(path: Path) -> None:
                             f"download or copy it again, or {RESAVE}") from None
 
 
-def check_model_dir(path: Path, variant: str | None = None) -> None:
-    """Refuse, as one LoraTuneError naming the fix, a model directory that transformers would fail on with a
-    traceback or would unpickle: config.json not JSON; no weights; pickled weights only; damaged safetensors."""
+def check_model_dir(path: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of model directory ``path``; refused, as one LoraTuneError naming the fix, where
+    transformers would fail with a traceback or would unpickle: config.json not JSON; no weights; pickled weights
+    only; damaged safetensors."""
     config = _read_json_object(path / "config.json", "config.json")
 
     def named(name: str) -> Path:  # transformers' names for a variant: model.fp16.safetensors
@@ -190,13 +191,18 @@ def check_model_dir(path: Path, variant: str | None = None) -> None:
                             f"or {RESAVE}")
     for shard in shards:
         _check_safetensors(shard)
+    return shards
 
 
 def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: str | None = None,
-                    dtype: torch.dtype = torch.float32, **model_kwargs):
+                    dtype: torch.dtype = torch.float32, quantize: str | None = None,
+                    compute_dtype: torch.dtype | None = None, quantize_skip_modules: list[str] | None = None,
+                    **model_kwargs):
     """Load ``(model, tokenizer)``: a bundled name, an HF model directory, or a ``.gguf`` file.
 
     ``task`` is "causal-lm" (default for LMs) or "seq-cls" (sequence classification; pass ``num_labels``).
+    ``quantize="nf4"`` stores every eligible linear in 4-bit NormalFloat (QLoRA; ``compute_dtype`` defaults to
+    ``dtype``; ``quantize_skip_modules`` keeps more modules in full precision), loading one linear at a time.
     Weights come from safetensors only; a directory that cannot be loaded is a LoraTuneError naming the fix.
     """
     from safetensors import SafetensorError
@@ -205,14 +211,23 @@ def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: st
     if model_kwargs.pop("use_safetensors", True) is not True:
         raise LoraTuneError("loratune loads weights from safetensors only (unpickling can run code); drop "
                             f"use_safetensors=False and {RESAVE}")
+    quantize = quant.check_quantize(quantize)
+    compute_dtype = quant.check_compute_dtype(compute_dtype or dtype) if quantize else None
     path = resolve_model_path(name_or_path)
     task = task or (BUNDLED[str(name_or_path)].task if str(name_or_path) in BUNDLED else "causal-lm")
     auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}.get(task)
     if auto is None:
         raise LoraTuneError(f"unknown task {task!r}; use 'causal-lm' or 'seq-cls'")
-    check_model_dir(path / model_kwargs.get("subfolder", ""), model_kwargs.get("variant"))
+    shards = check_model_dir(path / model_kwargs.get("subfolder", ""), model_kwargs.get("variant"))
     try:
-        model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, **model_kwargs)
+        model = None
+        if quantize:
+            model = quant.load_quantized(auto, path, shards, dtype, compute_dtype, quantize_skip_modules,
+                                         model_kwargs)
+        if model is None:
+            model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, **model_kwargs)
+            if quantize:
+                quant.quantize_model(model, compute_dtype, quantize_skip_modules)
     except (OSError, ValueError, SafetensorError) as e:
         raise LoraTuneError(f"cannot load the model in {path} ({_first_line(e)}); check that it is a complete "
                             f"transformers model directory (config.json and its safetensors weights), or {RESAVE}"

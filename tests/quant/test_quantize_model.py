@@ -83,7 +83,9 @@ def test_settings_are_recorded_and_compared():
     model = quantize_model(tiny_llama(), compute_dtype=torch.bfloat16, blocksize=128)
     rec = quantization_settings(model)
     assert rec == {"quantize": "nf4", "blocksize": 128, "double_quant": True, "compute_dtype": "bfloat16",
-                   "quantized_modules": 14}
+                   "quantize_skip_modules": [], "quantized_modules": 14}
+    skipping = quantization_settings(quantize_model(tiny_llama(), skip_modules=["mlp", "mlp"]))
+    assert skipping["quantize_skip_modules"] == ["mlp"] and skipping["quantized_modules"] == 8
     check_same_settings(rec, dict(rec), "adapter/")
     with pytest.raises(AdapterFileError) as e:
         check_same_settings(rec, quantization_settings(quantize_model(tiny_llama())), "adapter/")

@@ -12,7 +12,15 @@ from loratune.adapters import LoraConfig
 from loratune.cli import main
 from loratune.data import DataConfig
 from loratune.errors import ConfigError, ConfigWarning, closest
-from loratune.training.config import LORA_SHORT, SECTION_SYNONYMS, SECTIONS, SYNONYMS, TrainConfig, load_run_config
+from loratune.training.config import (
+    LORA_SHORT,
+    SECTION_SYNONYMS,
+    SECTIONS,
+    SYNONYMS,
+    ModelConfig,
+    TrainConfig,
+    load_run_config,
+)
 
 
 @pytest.fixture
@@ -93,7 +101,8 @@ def test_a_section_key_given_at_the_top_level_names_its_section(train_file):
 def test_synonyms_map_only_to_keys_that_exist():
     keys = {"train": {f.name for f in dataclasses.fields(TrainConfig)},
             "data": {f.name for f in dataclasses.fields(DataConfig)},
-            "lora": {f.name for f in dataclasses.fields(LoraConfig)} | set(LORA_SHORT)}
+            "lora": {f.name for f in dataclasses.fields(LoraConfig)} | set(LORA_SHORT),
+            "model": {f.name for f in dataclasses.fields(ModelConfig)}}
     for section, table in SYNONYMS.items():
         for name, target in table.items():
             assert target in keys[section], f"{section}.{name} -> {target}"
@@ -123,7 +132,7 @@ def test_problems_from_every_section_and_kind_are_collected(train_file, tmp_path
     assert err.startswith("8 problems in the config:\n")
     for part in ("unknown key 'lora.rnak'", "train.lr must be a finite number > 0", "'train.epochs' must be float",
                  "e.g. train.epochs=1", "unknown data format 'chatml'", "none.jsonl does not exist",
-                 "'model' must be str", "unknown config section 'nosuch'", "'lora.alpha' must be float"):
+                 "'model' must be a model name or path", "unknown config section 'nosuch'", "'lora.alpha' must be float"):
         assert part in err, part
 
 

@@ -2,19 +2,27 @@
 
 Written atomically (``fsutil``) and read with safetensors only; a pickle (``adapter_model.bin``) is refused with a
 hint. The tensors' keys are ``state.py``'s. These functions take the ``LoraModel`` they work on as an argument.
+
+An adapter trained on a 4-bit base (QLoRA) also gets ``loratune_quantization.json``: how the base was quantized
+(``quant.quantization_settings``), so that ``eval``/``generate``/``chat``/``merge`` rebuild the same base and a base
+quantized otherwise is refused, naming what differs. PEFT ignores the extra file.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
-from ..errors import AdapterFileError
+from .. import quant
+from ..errors import AdapterFileError, ConfigWarning
 from ..fsutil import read_tensors, save_json, save_tensors
 from . import state
 from .config import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+QUANT_NAME = "loratune_quantization.json"
 
 
 def save_adapter(lora_model, directory: Path, name: str) -> None:
@@ -26,6 +34,11 @@ def save_adapter(lora_model, directory: Path, name: str) -> None:
     try:
         save_tensors(state.adapter_tensors(lora_model.model, cfg, name), directory / WEIGHTS_NAME,
                      metadata={"format": "pt"})
+        settings = quant.quantization_settings(lora_model.model)
+        if settings is not None:
+            save_json(settings, directory / QUANT_NAME)
+        elif (directory / QUANT_NAME).is_file():  # an earlier save's record, from a quantized base: no longer true
+            (directory / QUANT_NAME).unlink()
         save_json(d, directory / CONFIG_NAME)
     except OSError as e:
         raise AdapterFileError(f"cannot write the adapter to {directory}: {e.strerror or e}; choose a writable "
@@ -63,8 +76,41 @@ def read_adapter_tensors(directory: str | Path) -> dict:
     return read_tensors(directory / WEIGHTS_NAME)
 
 
+def read_quantization(directory: str | Path) -> dict | None:
+    """How the base of the adapter in ``directory`` was quantized (``quant.quantization_settings``), or None: not
+    quantized, or not recorded (an adapter from PEFT)."""
+    path = Path(directory) / QUANT_NAME
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterFileError(f"{path} is damaged ({(str(e).splitlines() or [''])[0]}); copy the adapter again, or "
+                               "delete the file if the adapter was not trained on a quantized base") from None
+    if not isinstance(found, dict) or "quantize" not in found:
+        raise AdapterFileError(f"{path} does not describe a quantization (no 'quantize' key); copy the adapter again")
+    quant.check_quantize(found["quantize"])
+    return found
+
+
+def check_base_quantization(lora_model, directory: str | Path) -> None:
+    """Refuse an adapter trained on a 4-bit base loaded onto a base quantized with other settings (naming them);
+    warn where only one of the two is quantized (outputs then differ by the base's 4-bit rounding)."""
+    recorded, current = read_quantization(directory), quant.quantization_settings(lora_model.model)
+    if recorded and current:
+        quant.check_same_settings(recorded, current, str(directory))
+    elif recorded:
+        warnings.warn(f"the adapter in {directory} was trained on a 4-bit base ({QUANT_NAME}) and is loaded onto a "
+                      "full-precision one: its outputs differ slightly from training's (load the base with "
+                      "quantize='nf4' and the recorded settings to match them)", ConfigWarning, stacklevel=4)
+    elif current:
+        warnings.warn(f"the adapter in {directory} was trained on a full-precision base and is loaded onto a 4-bit "
+                      "one: its outputs differ by the base's 4-bit rounding", ConfigWarning, stacklevel=4)
+
+
 def load_adapter_weights(lora_model, directory: str | Path, name: str) -> None:
     """Copy the file's tensors into adapter ``name`` of ``lora_model`` (already injected), checking every key and
-    shape."""
+    shape, and that the base is quantized as the adapter's was (``check_base_quantization``)."""
+    check_base_quantization(lora_model, directory)
     found = read_adapter_tensors(directory)
     state.load_adapter_state(lora_model.model, lora_model.peft_config[name], name, found, str(directory))

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..adapters import LoraModel
-from ..adapters.files import read_adapter_config
+from ..adapters.files import read_adapter_config, read_quantization
 from ..data import DataConfig, prepare_eval
 from ..errors import AdapterFileError
 from ..models import load_base_model
@@ -24,7 +24,7 @@ def load_for_inference(adapter: str | None, model_name: str | None, system_promp
 
     saved = read_adapter_config(adapter).base_model_name_or_path if adapter else None
     name = model_name or saved or "smollm2-135m-instruct"
-    model, tok = load_base_model(name)
+    model, tok = load_base_model(name, **_base_quantization(adapter))
     require_causal_lm(model, name)
     if adapter is None:
         return model, tok, system_prompt
@@ -38,6 +38,20 @@ def load_for_inference(adapter: str | None, model_name: str | None, system_promp
     if system_prompt is None:
         system_prompt = _saved_system_prompt(Path(adapter) / PROMPT_FILE)
     return LoraModel.from_pretrained(model, adapter), tok, system_prompt
+
+
+def _base_quantization(adapter: str | None) -> dict:
+    """``load_base_model`` arguments that rebuild the 4-bit base an adapter was trained on (QLoRA), or none."""
+    q = read_quantization(adapter) if adapter else None
+    if not q:
+        return {}
+    import torch
+
+    dtype = getattr(torch, str(q.get("compute_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise AdapterFileError(f"{Path(adapter) / 'loratune_quantization.json'}: compute_dtype "
+                               f"{q.get('compute_dtype')!r} is not a dtype; copy the adapter again")
+    return {"quantize": q["quantize"], "compute_dtype": dtype, "quantize_skip_modules": q.get("quantize_skip_modules")}
 
 
 def _saved_system_prompt(path: Path) -> str | None:

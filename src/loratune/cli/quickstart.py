@@ -39,7 +39,7 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, 
     train_file, eval_file = make_dates_task(out / "data", n_train=n_train, n_eval=n_eval, seed=0)
     cfg = load_run_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
                                  *overrides], defaults=QUICKSTART)
-    model, tok = load_base_model(cfg.model)
+    model, tok = load_base_model(cfg.model.name, **cfg.model.load_kwargs())
     data = prepare(fit_to_model(cfg.data, model), tok, seed=cfg.train.seed)
     bs, mnt = cfg.train.eval_batch_size, 16
     print(f"[{time.time() - t0:5.0f}s] measuring the base model on {len(data.eval)} held-out rows", flush=True)

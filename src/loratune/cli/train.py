@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
 
 def dry_run(cfg) -> int:
     print("# resolved config\n" + dump_run_config(cfg))
-    model, tok = load_base_model(cfg.model)
+    model, tok = load_base_model(cfg.model.name, **cfg.model.load_kwargs())
     data = prepare(fit_to_model(cfg.data, model), tok, seed=cfg.train.seed)
     print("# data")
     for line in data.report_lines():

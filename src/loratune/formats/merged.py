@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from .. import quant
 from ..errors import LoraTuneError
 from ..fsutil import atomic_dir, save_json, writable_place
 
@@ -32,10 +35,20 @@ def check_target(out: Path, overwrite: bool = False, keep_inside: tuple[Path, ..
                             "directory, or pass --overwrite to replace it (its contents are then deleted)")
 
 
-def save_merged(lora_model, tok, out: Path) -> None:
+def save_merged(lora_model, tok, out: Path, dtype: torch.dtype | None = None) -> None:
     """``lora_model`` (a LoraModel) merged into its base, with ``tok``, as one HF model directory ``out``, written
-    whole (``fsutil.atomic_dir``: an existing ``out`` is replaced only once the new one is complete)."""
+    whole (``fsutil.atomic_dir``: an existing ``out`` is replaced only once the new one is complete).
+
+    A 4-bit base (QLoRA) is first dequantized: the adapter merges into the full-precision copy of the weights it was
+    trained against, never into 4 bits. The merged weights are saved in ``dtype`` (default: as they are; ΔW is
+    added in the weights' own precision and rounded once)."""
+    q = quant.quantization_settings(lora_model.model)
+    if q is not None:
+        quant.dequantize_model(lora_model.model, torch.float32)
     merged = lora_model.merge_and_unload(safe_merge=True)
+    if dtype is not None:
+        merged.to(dtype)
+        merged.config.dtype = dtype
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

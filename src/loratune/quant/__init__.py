@@ -7,7 +7,10 @@ bitsandbytes, and LoRA adapters in full precision on top (docs/qlora.md).
 * ``quantize_model`` / ``dequantize_model``: every eligible Linear of a model to NF4 and back (``convert.py``),
   with ``quantization_settings`` / ``check_same_settings`` for adapter metadata.
 
-This package sits below ``adapters``: it imports torch, ``loratune.ops``, ``errors`` and ``settings`` only.
+* ``load_quantized``: a transformers model loaded straight into NF4, one linear at a time (``load.py``).
+
+This package sits below ``adapters``: it imports torch, ``loratune.ops``, ``errors`` and ``settings`` (and
+transformers, safetensors and accelerate inside the functions that load models).
 """
 
 from .convert import (
@@ -17,14 +20,17 @@ from .convert import (
     check_skip_vs_targets,
     default_skip_modules,
     dequantize_model,
+    linears_to_quantize,
     quantization_settings,
     quantize_model,
 )
-from .linear import COMPUTE_DTYPES, NF4Linear
+from .linear import COMPUTE_DTYPES, NF4Linear, check_compute_dtype
+from .load import load_quantized
 from .nf4 import BLOCKSIZES, DYNAMIC_CODE, NF4_CODE, NF4Tensor, quantize_nf4
 
 __all__ = [
     "BLOCKSIZES", "COMPUTE_DTYPES", "DYNAMIC_CODE", "NF4Linear", "NF4Tensor", "NF4_CODE", "QUANTIZE_CHOICES",
-    "check_quantize", "check_same_settings", "check_skip_vs_targets", "default_skip_modules", "dequantize_model",
-    "quantization_settings", "quantize_model", "quantize_nf4",
+    "check_compute_dtype", "check_quantize", "check_same_settings", "check_skip_vs_targets", "default_skip_modules",
+    "dequantize_model", "linears_to_quantize", "load_quantized", "quantization_settings", "quantize_model",
+    "quantize_nf4",
 ]

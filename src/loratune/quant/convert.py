@@ -14,6 +14,7 @@ record and compare the settings, so that an adapter is loaded onto the base it w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,14 +60,44 @@ def skipped(name: str, patterns: list[str]) -> bool:
 
 
 def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32, skip_modules: list[str] | None = None,
-                   blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+                   blocksize: int = 64, double_quant: bool = True,
+                   load_weight: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` by an ``NF4Linear``, in place, layer by layer; returns
     ``model``. ``skip_modules`` (names or patterns, see ``skipped``) adds to the default skips
-    (``default_skip_modules``); the rest of the model (embeddings, norms, skipped linears) is left as it is."""
+    (``default_skip_modules``); the rest of the model (embeddings, norms, skipped linears) is left as it is.
+
+    ``load_weight(name)``, where given, supplies the full-precision weight of linear ``name`` (``load.py`` reads it
+    from the checkpoint for a model whose linears are still on the meta device): it is quantized and dropped at
+    once, so a model is loaded and quantized with one layer's full-precision weight alive at a time."""
     check_compute_dtype(compute_dtype)
     if blocksize not in BLOCKSIZES:
         raise ConfigError(f"NF4 blocksize {blocksize!r} is not supported; use one of "
                           f"{', '.join(map(str, BLOCKSIZES))} (bitsandbytes' sizes; 64 is QLoRA's)")
+    names = dict(model.named_modules())
+    owners: dict[int, list[str]] = {}
+    for name, module in names.items():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    skip_record = sorted(set([skip_modules] if isinstance(skip_modules, str) else skip_modules or []))
+    for name in linears_to_quantize(model, skip_modules):
+        linear = model.get_submodule(name)
+        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
+        if shared:
+            raise ConfigError(f"cannot quantize '{name}': its weight is tied to '{shared[0]}', which would keep it in "
+                              f"full precision anyway; add '{name}' to quantize_skip_modules")
+        if load_weight is not None:
+            linear.weight = nn.Parameter(load_weight(name), requires_grad=False)
+        layer = NF4Linear.from_linear(linear, compute_dtype, blocksize, double_quant)
+        layer.skip_modules = skip_record  # what it was quantized with, for quantization_settings
+        model.set_submodule(name, layer)
+        linear.weight = None  # this layer's full-precision weight goes now, not when the model is done
+        del linear
+    return model
+
+
+def linears_to_quantize(model: nn.Module, skip_modules: list[str] | str | None = None) -> list[str]:
+    """The names of the linears ``quantize_model`` replaces: every plain ``nn.Linear`` not skipped by default or by
+    ``skip_modules`` (each entry must match a module of ``model``: a typo is an error, not a silent no-op)."""
     if isinstance(skip_modules, str):
         skip_modules = [skip_modules]
     names = dict(model.named_modules())
@@ -75,21 +106,7 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
             raise ConfigError(f"quantize_skip_modules entry {pattern!r} matches no module of {type(model).__name__}; "
                               "give module names it has (e.g. 'lm_head' or 'model.layers.0.mlp')")
     patterns = default_skip_modules(model) + list(skip_modules or [])
-    owners: dict[int, list[str]] = {}
-    for name, module in names.items():
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
-    targets = [n for n, m in names.items() if n and type(m) is nn.Linear and not skipped(n, patterns)]
-    for name in targets:
-        linear = model.get_submodule(name)
-        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
-        if shared:
-            raise ConfigError(f"cannot quantize '{name}': its weight is tied to '{shared[0]}', which would keep it in "
-                              f"full precision anyway; add '{name}' to quantize_skip_modules")
-        model.set_submodule(name, NF4Linear.from_linear(linear, compute_dtype, blocksize, double_quant))
-        linear.weight = None  # this layer's full-precision weight goes now, not when the model is done
-        del linear
-    return model
+    return [n for n, m in names.items() if n and type(m) is nn.Linear and not skipped(n, patterns)]
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -108,20 +125,21 @@ def quantization_settings(model: nn.Module) -> dict | None:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     if not layers:
         return None
-    kinds = {(m.blocksize, m.double_quant, str(m.compute_dtype).removeprefix("torch.")) for m in layers.values()}
+    kinds = {(m.blocksize, m.double_quant, str(m.compute_dtype).removeprefix("torch."),
+              tuple(getattr(m, "skip_modules", ()))) for m in layers.values()}
     if len(kinds) > 1:
         raise ConfigError(f"the model's NF4 layers use {len(kinds)} different settings {sorted(kinds)}; quantize it "
                           "in one quantize_model call")
-    blocksize, double_quant, compute = kinds.pop()
+    blocksize, double_quant, compute, skip = kinds.pop()
     return {"quantize": "nf4", "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute,
-            "quantized_modules": len(layers)}
+            "quantize_skip_modules": list(skip), "quantized_modules": len(layers)}
 
 
 def check_same_settings(recorded: dict | None, current: dict | None, source: str) -> None:
     """An AdapterFileError naming what differs when an adapter trained on a base quantized as ``recorded`` is loaded
     onto a base quantized as ``current`` (either None: not quantized)."""
     recorded, current = recorded or {"quantize": None}, current or {"quantize": None}
-    keys = ("quantize", "blocksize", "double_quant", "compute_dtype", "quantized_modules")
+    keys = ("quantize", "blocksize", "double_quant", "compute_dtype", "quantize_skip_modules", "quantized_modules")
     diff = [f"{k} {recorded.get(k)!r} (now {current.get(k)!r})" for k in keys
             if recorded.get(k) != current.get(k) and (k == "quantize" or recorded.get("quantize"))]
     if diff:

@@ -1,5 +1,8 @@
 """The run config: a YAML file with flat sections (model, data, lora, train, output_dir) plus overrides.
 
+``model`` may be a name (``model: NAME``) or a section (``model: {name: NAME, quantize: nf4}``); a dotted override
+such as ``model.quantize=nf4`` applies to either form (sections.py holds the model and train sections).
+
 Every key is checked: unknown keys get the valid name they most likely mean (a table of names users bring
 from transformers, PEFT, axolotl and LLaMA-Factory first, then the closest spelling), values of the wrong
 type say which type is wanted and give an example. All problems are reported together in one ConfigError.
@@ -10,7 +13,6 @@ short name and its long name with different values is an error.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import typing
 import warnings
@@ -20,63 +22,14 @@ from typing import Any
 
 import yaml
 
+from .. import quant
 from ..adapters.config import LoraConfig
 from ..data import DataConfig, check_data_file
 from ..errors import ConfigError, ConfigWarning, DataError, LoraTuneError, closest
+from .sections import ModelConfig, TrainConfig
 from .validate import BAD, as_yaml, checked
 
-
-@dataclass
-class TrainConfig:
-    epochs: float | None = None  # default 1 when max_steps is not set either
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    eval_every: int = 0  # steps; 0 = only at the end
-    save_every: int = 0  # steps; 0 = no intermediate checkpoints
-    loraplus_lr_ratio: float | None = None  # LoRA+: B learns this many times faster than A
-    keep_checkpoints: int = 2  # how many step-N checkpoints to keep (the last one always)
-    eval_batch_size: int = 32
-    max_new_tokens: int = 32
-
-    def __post_init__(self) -> None:
-        p = []
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            p.append(f"train.scheduler must be cosine, linear or constant, got {self.scheduler!r}")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "seed"):
-            if getattr(self, name) < 0:
-                p.append(f"train.{name} must be ≥ 0, got {getattr(self, name)} (0 means: only at the end)"
-                         if name != "seed" else f"train.seed must be ≥ 0, got {self.seed}")
-        if self.keep_checkpoints < 1:
-            p.append(f"train.keep_checkpoints must be ≥ 1 (the last checkpoint is always kept), got "
-                     f"{self.keep_checkpoints}")
-        if self.max_steps is not None and self.max_steps < 1:
-            p.append(f"train.max_steps must be ≥ 1, got {self.max_steps}")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            p.append(f"train.epochs must be a finite number > 0, got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            p.append(f"train.lr must be a finite number > 0, got {self.lr} (e.g. train.lr=2e-4)")
-        if not 0 <= self.warmup_ratio < 1:  # (NaN fails this too)
-            p.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            p.append(f"train.weight_decay must be a finite number ≥ 0, got {self.weight_decay} (0 = none)")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            p.append(f"train.max_grad_norm must be a finite number ≥ 0, got {self.max_grad_norm} (0 = no clipping)")
-        if self.loraplus_lr_ratio is not None and not (math.isfinite(self.loraplus_lr_ratio)
-                                                       and self.loraplus_lr_ratio > 0):
-            p.append(f"train.loraplus_lr_ratio must be a finite number > 0 or null, got {self.loraplus_lr_ratio}")
-        if p:
-            raise ConfigError("; ".join(p))
+__all__ = ["ModelConfig", "RunConfig", "TrainConfig", "build_run_config", "dump_run_config", "load_run_config"]
 
 
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -85,6 +38,13 @@ LORA_SHORT = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 # Names users bring from transformers, PEFT, axolotl and LLaMA-Factory -> the key they mean here, per section.
 # Consulted before the fuzzy match for unknown keys; every target is a real key of its section (tested).
 SYNONYMS: dict[str, dict[str, str]] = {
+    "model": {
+        "model_name_or_path": "name", "base_model": "name", "path": "name", "pretrained_model_name_or_path": "name",
+        "quantization": "quantize", "load_in_4bit": "quantize", "quant": "quantize",
+        "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_type": "quantize",
+        "llm_int8_skip_modules": "quantize_skip_modules", "skip_modules": "quantize_skip_modules",
+        "modules_to_not_convert": "quantize_skip_modules",
+    },
     "train": {
         "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "n_epochs": "epochs",
         "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
@@ -123,7 +83,7 @@ _EXAMPLES = {"train.epochs": 1, "train.max_steps": 100, "train.loraplus_lr_ratio
 
 @dataclass
 class RunConfig:
-    model: str = "smollm2-135m-instruct"
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(train=""))
     lora: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -185,6 +145,10 @@ def _apply_override(raw: dict[str, Any], item: str, overridden: set[str]) -> str
     if not sep or not key:
         return f"override {item!r} must look like section.key=value, e.g. lora.r=32"
     *parents, leaf = key.split(".")
+    if parents[:1] == ["model"] and isinstance(raw.get("model"), str):
+        raw["model"] = {"name": raw["model"]}  # the short form `model: NAME` opens into its section
+    if not parents and leaf == "model" and isinstance(raw.get("model"), dict):
+        parents, leaf = ["model"], "name"  # model=NAME renames the base, keeping the section's other keys
     node = raw
     for part in parents:
         if node.get(part) is None:  # a section left empty in the YAML reads as null
@@ -223,10 +187,15 @@ def build_run_config(raw: dict[str, Any], problems: list[str] | None = None) -> 
     lora = _lora_section(sections["lora"], problems)
     data = _section("data", DataConfig, sections["data"], problems, fill={"train": ""})
     train = _section("train", TrainConfig, sections["train"], problems)
-    model = checked("model", raw.get("model", RunConfig.model), str, RunConfig.model, problems, _EXAMPLES)
+    model = _model_section(raw.get("model"), problems)
     output_dir = checked("output_dir", raw.get("output_dir", RunConfig.output_dir), str, RunConfig.output_dir,
                           problems, _EXAMPLES)
     _check_data_files(sections["data"], problems)
+    if model is not None and model.quantize:
+        try:
+            quant.check_skip_vs_targets(model.quantize_skip_modules, lora.get("target_modules"))
+        except ConfigError as e:
+            problems.append(f"model.quantize_skip_modules: {e}")
     if problems:
         raise ConfigError(_report(problems))
     _warn_if_steps_and_epochs(train)
@@ -246,13 +215,26 @@ def _check_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, dict[
         if k not in SECTIONS:
             problems.append(f"unknown config section '{k}'{_section_hint(k)}")
     sections = {}
-    for name in ("data", "lora", "train"):
+    for name in ("data", "lora", "train"):  # (model may also be a plain name: _model_section checks it)
         value = raw.get(name)
         if value is not None and not isinstance(value, dict):
             problems.append(f"config section '{name}' must be a mapping of keys (e.g. {name}.{_first_key(name)}=...), "
                             f"got {value!r}")
         sections[name] = value if isinstance(value, dict) else {}
     return sections
+
+
+def _model_section(value: Any, problems: list[str]) -> ModelConfig | None:
+    """``model: NAME`` or ``model: {name: ..., quantize: ...}`` as a ModelConfig (None when it has problems)."""
+    if value is None:
+        return ModelConfig()
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        problems.append(f"'model' must be a model name or path, or a mapping such as {{name: ..., quantize: nf4}}, "
+                        f"got {value!r}; e.g. model={ModelConfig.name}")
+        return None
+    return _section("model", ModelConfig, value, problems)
 
 
 def _first_key(name: str) -> str:
@@ -265,6 +247,7 @@ def _section_hint(key: str) -> str:
     if norm in SECTION_SYNONYMS:
         return f" (did you mean '{SECTION_SYNONYMS[norm]}'?)"
     for section, keys in (("train", _field_names(TrainConfig)), ("data", _field_names(DataConfig)),
+                          ("model", _field_names(ModelConfig) - {"name"}),
                           ("lora", _field_names(LoraConfig) | set(LORA_SHORT))):
         target = SYNONYMS[section].get(norm, norm)
         if target in keys:

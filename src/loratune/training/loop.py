@@ -88,15 +88,15 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     check_output_dir(out, config_text, overwrite)
 
     torch.manual_seed(tc.seed)
-    model, tok = model_and_tokenizer or load_base_model(cfg.model)
-    require_causal_lm(model, cfg.model)
+    model, tok = model_and_tokenizer or load_base_model(cfg.model.name, **cfg.model.load_kwargs())
+    require_causal_lm(model, cfg.model.name)
     if data is None:
         data = prepare(fit_to_model(cfg.data, model), tok, seed=tc.seed)
         if rank == 0 and progress:
             print("data\n  " + "\n  ".join(data.report_lines()), flush=True)
     torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
     lcfg = cfg.lora_config()
-    lcfg.base_model_name_or_path = lcfg.base_model_name_or_path or _model_reference(cfg.model)
+    lcfg.base_model_name_or_path = lcfg.base_model_name_or_path or _model_reference(cfg.model.name)
     lm = get_lora_model(model, lcfg)
     # Only now, with model, data and adapter config known to work, does the run take the output dir: a run that
     # fails validation leaves nothing behind that would block the corrected command.

@@ -1,0 +1,112 @@
+"""The run config's typed sections: ``model`` (what base to load, and how) and ``train`` (the loop's settings).
+
+Each validates itself in ``__post_init__`` and raises one ConfigError listing every problem, each named by its
+dotted key (``train.lr``, ``model.quantize``), so that ``config.build_run_config`` can report them all at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import quant
+from ..errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # NF4 compute dtypes, by their config names
+
+
+@dataclass
+class ModelConfig:
+    """The base model. ``model: NAME`` in a config is short for ``model: {name: NAME}``.
+
+    ``quantize: nf4`` stores every eligible linear of the base in 4-bit NormalFloat before LoRA is injected (QLoRA,
+    docs/qlora.md), computing in ``compute_dtype``; ``quantize_skip_modules`` keeps more modules in full precision
+    (the output head is always kept, as transformers does).
+    """
+    name: str = "smollm2-135m-instruct"
+    quantize: str | None = None
+    compute_dtype: str = "float32"
+    quantize_skip_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        p = []
+        try:
+            self.quantize = quant.check_quantize(self.quantize)
+        except ConfigError as e:
+            p.append(f"model.{e}")
+        if self.compute_dtype not in DTYPES:
+            p.append(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
+        skip = self.quantize_skip_modules
+        if skip is not None and not all(isinstance(m, str) and m for m in skip):
+            p.append(f"model.quantize_skip_modules must be a list of module names, got {skip!r} "
+                     "(e.g. model.quantize_skip_modules=[lm_head])")
+        elif skip and not self.quantize:
+            p.append("model.quantize_skip_modules is set but model.quantize is not; set model.quantize=nf4 or drop "
+                     "the skip list")
+        if not self.name:
+            p.append("model.name is empty; give a bundled name, a model directory or a .gguf file")
+        if p:
+            raise ConfigError("; ".join(p))
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``models.load_base_model`` for this section (besides the name)."""
+        if not self.quantize:
+            return {}
+        return {"quantize": self.quantize, "compute_dtype": DTYPES[self.compute_dtype],
+                "quantize_skip_modules": self.quantize_skip_modules}
+
+
+@dataclass
+class TrainConfig:
+    epochs: float | None = None  # default 1 when max_steps is not set either
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = no intermediate checkpoints
+    loraplus_lr_ratio: float | None = None  # LoRA+: B learns this many times faster than A
+    keep_checkpoints: int = 2  # how many step-N checkpoints to keep (the last one always)
+    eval_batch_size: int = 32
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        p = []
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            p.append(f"train.scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                p.append(f"train.{name} must be ≥ 0, got {getattr(self, name)} (0 means: only at the end)"
+                         if name != "seed" else f"train.seed must be ≥ 0, got {self.seed}")
+        if self.keep_checkpoints < 1:
+            p.append(f"train.keep_checkpoints must be ≥ 1 (the last checkpoint is always kept), got "
+                     f"{self.keep_checkpoints}")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"train.max_steps must be ≥ 1, got {self.max_steps}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            p.append(f"train.epochs must be a finite number > 0, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"train.lr must be a finite number > 0, got {self.lr} (e.g. train.lr=2e-4)")
+        if not 0 <= self.warmup_ratio < 1:  # (NaN fails this too)
+            p.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            p.append(f"train.weight_decay must be a finite number ≥ 0, got {self.weight_decay} (0 = none)")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            p.append(f"train.max_grad_norm must be a finite number ≥ 0, got {self.max_grad_norm} (0 = no clipping)")
+        if self.loraplus_lr_ratio is not None and not (math.isfinite(self.loraplus_lr_ratio)
+                                                       and self.loraplus_lr_ratio > 0):
+            p.append(f"train.loraplus_lr_ratio must be a finite number > 0 or null, got {self.loraplus_lr_ratio}")
+        if p:
+            raise ConfigError("; ".join(p))
