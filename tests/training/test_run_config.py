@@ -132,7 +132,8 @@ def test_problems_from_every_section_and_kind_are_collected(train_file, tmp_path
     assert err.startswith("8 problems in the config:\n")
     for part in ("unknown key 'lora.rnak'", "train.lr must be a finite number > 0", "'train.epochs' must be float",
                  "e.g. train.epochs=1", "unknown data format 'chatml'", "none.jsonl does not exist",
-                 "'model' must be a model name or path", "unknown config section 'nosuch'", "'lora.alpha' must be float"):
+                 "'model' must be a model name or path", "unknown config section 'nosuch'",
+                 "'lora.alpha' must be float"):
         assert part in err, part
 
 

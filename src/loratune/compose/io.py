@@ -1,0 +1,95 @@
+"""Adapters in and out of PEFT-format directories, and in and out of a live ``LoraModel``.
+
+Directories are read with safetensors only (``adapters.files``) and written whole or not at all
+(``fsutil.atomic_dir``). An output directory must be new, empty, or one a compose command wrote (it holds a
+``.loratune-compose.json`` marker); anything else needs ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..adapters import state
+from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from ..errors import ConfigError, LoraTuneError
+from ..fsutil import atomic_dir, save_json, save_tensors, writable_place
+from .factors import Adapter
+
+MARKER = ".loratune-compose.json"
+# Files beside an adapter that describe how to prompt it (the tokenizer and chat template `loratune train` saves,
+# its system prompt): a derived adapter keeps them, so that eval/generate/chat use it as they used the original.
+_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+               "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+               "loratune_prompt.json")
+
+
+def load_adapter(directory: str | Path) -> Adapter:
+    """The adapter in a PEFT-format ``directory`` (named by its path in messages)."""
+    directory = Path(directory)
+    try:
+        config = read_adapter_config(directory)
+    except ConfigError as e:
+        raise LoraTuneError(f"cannot use the adapter in {directory}: {e}") from None
+    return Adapter(read_adapter_tensors(directory), config, str(directory))
+
+
+def check_out_dir(out: Path, overwrite: bool = False, keep: tuple[Path, ...] = ()) -> None:
+    """Refuse an ``out`` that must not be written: a file, an unwritable place, the working directory or one of
+    ``keep`` (the inputs) or a folder above them, or a non-empty directory no compose command wrote (unless
+    ``overwrite``). Checked before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise LoraTuneError(f"--out {out} is a file; give a directory (new, empty, or one loratune wrote)")
+    resolved = out.resolve()
+    for inner in (Path.cwd(), *keep):
+        inner = inner.resolve()
+        if resolved == inner or resolved in inner.parents:
+            raise LoraTuneError(f"--out {out} is or holds {inner}, which must not be replaced; give a new "
+                                "directory such as combined/")
+    problem = writable_place(out)
+    if problem:
+        raise LoraTuneError(f"--out {out} cannot be written ({problem}); choose a directory you can write to")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise LoraTuneError(f"--out {out} is not empty and was not written by a loratune compose command; give a "
+                            "new or empty directory, or pass --overwrite to replace it (its contents are deleted)")
+
+
+def save_adapter(adapter: Adapter, out: str | Path, provenance: dict | None = None,
+                 companions_from: str | Path | None = None) -> None:
+    """Write ``adapter`` to ``out`` in PEFT's format, with a marker holding ``provenance`` (what made it) and the
+    tokenizer/prompt files of ``companions_from`` (an input adapter directory) where it has them. The directory
+    appears whole (an earlier one is replaced only once the new one is complete)."""
+    out = Path(out)
+    d = adapter.config.to_dict()
+    with atomic_dir(out) as tmp:
+        save_tensors(adapter.tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_json(d, tmp / CONFIG_NAME)
+        if companions_from is not None:
+            for name in _COMPANIONS:
+                src = Path(companions_from) / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+        save_json({"written_by": "loratune compose", **(provenance or {})}, tmp / MARKER)
+
+
+def adapter_from_model(lora_model, name: str) -> Adapter:
+    """Adapter ``name`` of a LoraModel as data (detached copies of its tensors, in the model's module order)."""
+    if name not in lora_model.peft_config:
+        raise LoraTuneError(f"unknown adapter {name!r}; this model has {list(lora_model.peft_config)}")
+    cfg = lora_model.peft_config[name]
+    tensors = {k: v.detach().clone() for k, v in state.adapter_tensors(lora_model.model, cfg, name).items()}
+    return Adapter(tensors, cfg, name)
+
+
+def add_to_model(lora_model, adapter: Adapter, name: str) -> None:
+    """Inject ``adapter`` into a LoraModel as adapter ``name`` (not made active), its tensors copied in."""
+    lora_model.add_adapter(name, adapter.config)
+    try:
+        ref = next(iter(state.adapter_tensors(lora_model.model, lora_model.peft_config[name], name).values()))
+        tensors = {k: v.to(ref.dtype) if isinstance(v, torch.Tensor) else v for k, v in adapter.tensors.items()}
+        state.load_adapter_state(lora_model.model, lora_model.peft_config[name], name, tensors, adapter.name)
+    except Exception:
+        lora_model.delete_adapter(name)
+        raise
