@@ -4,13 +4,24 @@ One ``LoraLayer`` wraps one base module and holds any number of named adapters. 
 kind of base module, what shapes A and B have, how the LoRA term is computed and what ΔW is; merging,
 switching, disabling and per-row adapter selection live once, in the base class. ``LAYER_TYPES`` maps a
 base module type to its LoRA class (a type-keyed registry, as in minLoRA).
+
+Mixed-adapter batches (one adapter per row) are described by a per-call ``MixedBatch``, made current for the
+duration of one forward by ``mixed_batch(...)`` (a context variable: each thread and asyncio task sees its own,
+nothing is left on the modules). Its rows are grouped into per-adapter segments once per call; each layer then adds
+the LoRA term of every segment (Punica's segmented shrink/expand), or, given stacked zero-padded factors (the
+serving registry's slots), of all rows at once with two gathered ``bmm``s. Rows without an adapter are never
+touched, so they equal the base exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +35,95 @@ from . import functional as LF
 
 BASE = "__base__"  # name of "no adapter" in per-row adapter selection, as in PEFT
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class Factors(NamedTuple):
+    """One adapter's factors for one layer, as a ``MixedBatch`` hands them to the layer (duck-types LoraAdapter)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float = 1.0
+    dropout: float = 0.0
+
+
+class MixedBatch:
+    """Per-call metadata of a mixed-adapter batch: which adapter (a key; None = the base) each row uses.
+
+    ``factors(layer, key)`` gives the layer's factors for a key (a ``LoraAdapter`` or ``Factors``; None where that
+    adapter does not target the layer). ``stacks(layer)``, optional, gives stacked factors ``(A (S, r, in),
+    B (S, out, r))`` indexed by integer keys, zero-padded to a common rank and with the scaling folded into B; with
+    them a linear layer computes every row in two gathered ``bmm``s when that is cheaper than a product per segment.
+    ``layers`` are the modules the batch applies to (other models' layers ignore it); ``copies(module, key)`` gives
+    a ``ModulesToSave`` module's copy for a key (or None).
+    """
+
+    def __init__(self, keys: Sequence[Hashable | None], factors: Callable[[nn.Module, Hashable], object | None],
+                 layers: Iterable[nn.Module], stacks: Callable[[nn.Module], tuple | None] | None = None,
+                 copies: Callable[[nn.Module, Hashable], nn.Module | None] | None = None):
+        self.keys = tuple(keys)
+        self.factors, self.stacks, self.copies = factors, stacks, copies
+        self.layers = frozenset(id(m) for m in layers)
+        groups: dict[Hashable, list[int]] = {}
+        for i, k in enumerate(self.keys):
+            if k is not None:
+                groups.setdefault(k, []).append(i)
+        self.segments: list[tuple[Hashable, int, int]] = []
+        order: list[int] = []
+        for k, rows in groups.items():
+            self.segments.append((k, len(order), len(order) + len(rows)))
+            order += rows
+        self._order = torch.tensor(order, dtype=torch.long)
+        self._slots = torch.tensor([self.keys[i] for i in order], dtype=torch.long) if stacks is not None else None
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return id(module) in self.layers
+
+    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows that have an adapter, grouped by adapter; their slot numbers when stacked) on ``device``."""
+        if device not in self._on:
+            slots = self._slots.to(device) if self._slots is not None else None
+            self._on[device] = (self._order.to(device), slots)
+        return self._on[device]
+
+    def prefer_gathered(self, tokens_per_row: int) -> bool:
+        """Two gathered bmms beat a product per segment when segments are many and short, or rows are long (the
+        gather copies r·(in+out) per row, small next to tokens·r·(in+out) of products)."""
+        n = len(self._order)
+        return len(self.segments) > 1 and (tokens_per_row >= 8 or 2 * len(self.segments) > n)
+
+
+_CURRENT: ContextVar[MixedBatch | None] = ContextVar("loratune_mixed_batch", default=None)
+
+
+@contextlib.contextmanager
+def mixed_batch(batch: MixedBatch | None) -> Iterator[MixedBatch | None]:
+    """Make ``batch`` the current mixed batch for the calls inside this block (this thread / task only)."""
+    token = _CURRENT.set(batch)
+    try:
+        yield batch
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_batch(module: nn.Module) -> MixedBatch | None:
+    """The mixed batch of the running call if it applies to ``module``, else None."""
+    batch = _CURRENT.get()
+    return batch if batch is not None and batch.applies_to(module) else None
+
+
+def adapter_factors(layer: nn.Module, name: Hashable) -> LoraAdapter | None:
+    """A ``MixedBatch`` factor source over a model's own adapters: layer's adapter ``name``, or None."""
+    return layer.adapters[name] if name in getattr(layer, "adapters", {}) else None
+
+
+def _legacy_batch(module: nn.Module) -> MixedBatch | None:
+    """The deprecated per-module ``row_adapters`` list (set by hand, never by LoraModel), as a MixedBatch."""
+    rows = module.__dict__.get("row_adapters")
+    if rows is None:
+        return None
+    return MixedBatch([None if n == BASE else n for n in rows], adapter_factors, [module],
+                      copies=lambda m, k: m.copies[k] if k in m.copies else None)
 
 
 class LoraAdapter(nn.Module):
@@ -54,7 +154,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
-        self.row_adapters: list[str] | None = None  # per-row adapter names for mixed batches
+        self.row_adapters: list[str] | None = None  # deprecated: per-row names for this layer alone (see MixedBatch)
 
     # --- what each kind defines ----------------------------------------------------------------------
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -140,25 +240,47 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, result)
+        batch = current_batch(self) or _legacy_batch(self)
+        if batch is not None:
+            return self._mixed_forward(x, result, batch)
         for name in self.active:
             if name not in self.merged:
                 result = result + self.lora_term(x, self.adapters[name]).to(result.dtype)
         return result
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Each row gets its own adapter (``BASE`` = none): group rows by adapter, add each group's term."""
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, batch: MixedBatch) -> torch.Tensor:
+        """Each row gets its own adapter's term; rows without one (and rows whose adapter skips this layer) are left
+        exactly as the base computed them."""
         if self.merged:
             raise LoraTuneError("per-row adapter_names need unmerged adapters; call unmerge_adapter() first")
-        rows = self.row_adapters
-        for name in dict.fromkeys(rows):
-            if name == BASE or name not in self.adapters:
-                continue  # LoraModel validated the names; layers an adapter does not target skip it
-            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=result.device)
-            term = self.lora_term(x.index_select(0, idx), self.adapters[name]).to(result.dtype)
-            result = result.index_add(0, idx, term)
-        return result
+        if x.shape[0] != len(batch.keys):
+            raise LoraTuneError(f"the mixed batch names {len(batch.keys)} rows but this call has {x.shape[0]}")
+        order, slots = batch.index(result.device)
+        if order.numel() == 0:
+            return result
+        xs = x.index_select(0, order)
+        stacks = batch.stacks(self) if batch.stacks is not None else None
+        if stacks is not None and isinstance(self, LinearLora) and batch.prefer_gathered(xs[0].numel() // x.shape[-1]):
+            A, B = stacks  # (S, r, in), (S, out, r): slot 0 is zeros, scaling folded into B
+            h = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(A.dtype)
+            u = torch.bmm(h, A.index_select(0, slots).transpose(1, 2))
+            terms = torch.bmm(u, B.index_select(0, slots).transpose(1, 2)).reshape(*xs.shape[:-1], -1)
+            idx = order
+        else:
+            parts, rows = [], []
+            for key, start, stop in batch.segments:
+                f = batch.factors(self, key)
+                if f is not None:
+                    parts.append(self.lora_term(xs[start:stop], f))
+                    rows.append((start, stop))
+            if not parts:
+                return result
+            terms = torch.cat(parts) if len(parts) > 1 else parts[0]
+            idx = order if len(rows) == len(batch.segments) else torch.cat([order[a:b] for a, b in rows])
+        terms = terms.to(result.dtype)
+        if result.requires_grad:
+            return result.index_add(0, idx, terms)
+        return result.index_add_(0, idx, terms)
 
 
 class LinearLora(LoraLayer):
@@ -196,8 +318,10 @@ class LinearLora(LoraLayer):
         """
         if args or kwargs:
             return "the base layer is called with extra arguments"
-        if self.disabled or self.row_adapters is not None:
-            return "adapters are disabled" if self.disabled else "a mixed-adapter batch"
+        if self.disabled:
+            return "adapters are disabled"
+        if current_batch(self) is not None or self.row_adapters is not None:
+            return "a mixed-adapter batch"
         if len(self.active) != 1 or self.merged:
             return f"{len(self.active)} active adapters" if len(self.active) != 1 else "the adapter is merged"
         if type(self.base_layer) not in (nn.Linear, Conv1D) and not hasattr(self.base_layer, "dense_weight"):
@@ -304,7 +428,7 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
-        self.row_adapters: list[str] | None = None
+        self.row_adapters: list[str] | None = None  # deprecated, as LoraLayer.row_adapters
 
     def add_adapter(self, name: str) -> None:
         self.copies[name] = copy.deepcopy(self.original_module)
@@ -313,11 +437,14 @@ class ModulesToSave(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.disabled or self.active is None:
             return self.original_module(x, *args, **kwargs)
-        if self.row_adapters is None:
+        batch = current_batch(self) or _legacy_batch(self)
+        if batch is None:
             return self.copies[self.active](x, *args, **kwargs)
         out = self.original_module(x, *args, **kwargs)
-        for name in dict.fromkeys(self.row_adapters):
-            if name in self.copies:
-                idx = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
-                out = out.index_copy(0, idx, self.copies[name](x.index_select(0, idx), *args, **kwargs))
+        order, _ = batch.index(x.device)
+        for key, start, stop in batch.segments:
+            copy_ = batch.copies(self, key) if batch.copies is not None else None
+            if copy_ is not None:
+                idx = order[start:stop]
+                out = out.index_copy(0, idx, copy_(x.index_select(0, idx), *args, **kwargs))
         return out

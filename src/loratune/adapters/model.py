@@ -13,7 +13,7 @@ from .. import ops
 from ..errors import AdapterFileError, ConfigError, LoraTuneError
 from . import files, state
 from .config import LoraConfig
-from .layers import BASE, LoraLayer, ModulesToSave, lora_class_for
+from .layers import BASE, LoraLayer, MixedBatch, ModulesToSave, adapter_factors, lora_class_for, mixed_batch
 from .targets import SEQ_CLS_HEADS, all_linear_targets, in_layers, layer_index, name_matches, pattern_value
 
 
@@ -199,20 +199,23 @@ class LoraModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # --- merge ---------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the active (or named) adapters into the base weights; unmerge_adapter() undoes it."""
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                      force: bool = False) -> None:
+        """Fold the active (or named) adapters into the base weights; unmerge_adapter() undoes it. Merging into a
+        4-bit base is refused unless ``force`` (``quant.dequantize_model`` first merges into full precision)."""
         names = adapter_names or self.active_adapters
         self._check_names(names)
         for _, layer in self.lora_layers():
-            layer.merge([n for n in names if n in layer.adapters], safe_merge=safe_merge)
+            layer.merge([n for n in names if n in layer.adapters], safe_merge=safe_merge, force=force)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, then return the plain transformers model (no LoRA modules left)."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                         force: bool = False) -> nn.Module:
+        """Merge, then return the plain transformers model (no LoRA modules left); ``force`` as merge_adapter."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, force=force)
         return self._unwrap(keep_merged=True)
 
     def unload(self) -> nn.Module:
@@ -260,6 +263,8 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def _rows(self, adapter_names, args, kwargs) -> Iterator[None]:
+        """Run the block with ``adapter_names`` as this call's mixed batch (per call: concurrent calls from other
+        threads each have their own; nothing is set on the modules)."""
         if adapter_names is None:
             yield
             return
@@ -271,14 +276,10 @@ class LoraModel(nn.Module):
         if unknown:
             raise LoraTuneError(f"unknown adapter(s) {unknown} in adapter_names; "
                                 f"known: {list(self.peft_config)} and '{BASE}' for none")
-        wrappers = list(self._wrappers())
-        try:
-            for m in wrappers:
-                m.row_adapters = list(adapter_names)
+        batch = MixedBatch([None if n == BASE else n for n in adapter_names], adapter_factors, self._wrappers(),
+                           copies=lambda m, k: m.copies[k] if k in m.copies else None)
+        with mixed_batch(batch):
             yield
-        finally:
-            for m in wrappers:
-                m.row_adapters = None
 
     # --- files ---------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:

@@ -1,0 +1,203 @@
+"""Iteration-level scheduling (continuous batching, as vLLM, TGI and LoRAX): one decode step at a time over every
+active sequence, each with its own adapter; new requests join between steps and finished ones leave.
+
+``policy`` "continuous" admits whenever there is room; "static" admits a new batch only when the last one has
+finished; "sequential" runs one request at a time (the baselines the benchmark compares). Batches are bounded in
+sequences (``max_batch``) and in tokens (``max_batch_tokens``: prompt + max_tokens of every active sequence). A
+request whose adapter needs a slot while every slot is pinned waits; one that fails fails alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .engine import Engine, Sampler, Sampling
+from .registry import AdapterRegistry, NoFreeSlot, ServingError
+
+POLICIES = ("continuous", "static", "sequential")
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """One request in flight. ``emit(kind, data)`` is called from the scheduler's thread: ("text", delta),
+    then once ("done", finish_reason) or ("error", ServingError)."""
+
+    prompt: list[int]
+    adapter: str | None  # None: the base model
+    params: Sampling
+    emit: Callable[[str, object], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    out: list[int] = field(default_factory=list)
+    slot: int | None = None
+    text: str = ""
+    sent: int = 0
+    finish: str | None = None
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    finished: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    """Owns the model: every forward runs on its one thread."""
+
+    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, eos_ids: set[int], max_batch: int = 32,
+                 max_batch_tokens: int = 16384, policy: str = "continuous"):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.engine, self.registry, self.tok, self.eos = engine, registry, tokenizer, eos_ids
+        self.max_batch = 1 if policy == "sequential" else max_batch
+        self.max_tokens, self.policy = max_batch_tokens, policy
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.counters = Counters()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="loratune-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        with self._wake:
+            self.waiting.append(seq)
+            self.counters.requests += 1
+            self._wake.notify()
+        return seq
+
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.waiting and not self.active:
+                    self._wake.wait(timeout=1.0)
+                if self._stop:
+                    break
+            try:
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as e:  # a failing step fails its sequences, never the server
+                err = e if isinstance(e, ServingError) else ServingError(f"generation failed: {e}", status=500)
+                for seq in self.active:
+                    self._fail(seq, err)
+                self.active = []
+                self.engine.drop([])
+        for seq in [*self.active, *self.waiting]:
+            self._fail(seq, ServingError("the server is shutting down", status=503))
+
+    def _budget(self, seqs) -> int:
+        return sum(len(s.prompt) + s.params.max_tokens for s in seqs)
+
+    def _admit(self) -> None:
+        if self.policy == "static" and self.active:
+            return
+        joined, kvs, skipped = [], [], []
+        with self._wake:
+            candidates = list(self.waiting)
+        for seq in candidates:
+            if len(self.active) + len(joined) >= self.max_batch:
+                break
+            if self._budget([*self.active, *joined, seq]) > self.max_tokens and (self.active or joined):
+                break
+            with self._wake:
+                self.waiting.remove(seq)
+            if seq.cancelled:
+                continue
+            try:
+                if seq.adapter is not None:
+                    seq.slot = self.registry.acquire(seq.adapter)
+                logits, kv = self.engine.prefill(seq.prompt, seq.slot)
+            except NoFreeSlot:
+                skipped.append(seq)
+                continue
+            except Exception as e:
+                self._fail(seq, e if isinstance(e, ServingError) else ServingError(f"generation failed: {e}", 500))
+                continue
+            self.counters.prompt_tokens += len(seq.prompt)
+            seq.sampler = Sampler(seq.params)
+            if self._advance(seq, logits):
+                continue
+            joined.append(seq)
+            kvs.append(kv)
+        if skipped:
+            with self._wake:
+                self.waiting.extendleft(reversed(skipped))
+        if joined:
+            self.engine.join(kvs)
+            self.active += joined
+
+    def _step(self) -> None:
+        logits = self.engine.decode([s.out[-1] for s in self.active], [s.slot for s in self.active])
+        self.counters.steps += 1
+        keep = [i for i, seq in enumerate(self.active) if not self._advance(seq, logits[i])]
+        if len(keep) < len(self.active):
+            self.active = [self.active[i] for i in keep]
+            self.engine.drop(keep)
+
+    def _advance(self, seq: Sequence, logits) -> bool:
+        """Sample one token for ``seq`` and tell its client; True if it has finished (and left)."""
+        if seq.cancelled:
+            self._finish(seq, None)
+            return True
+        token = seq.sampler(logits)
+        seq.out.append(token)
+        self.counters.completion_tokens += 1
+        text = self.tok.decode(seq.out, skip_special_tokens=True) if token not in self.eos else seq.text
+        reason = "stop" if token in self.eos else None
+        stops = seq.params.stop
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1) if stops else -1
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        if reason is None and len(seq.out) >= seq.params.max_tokens:
+            reason = "length"
+        seq.text = text
+        safe = len(text) if reason else len(text) - max((len(s) for s in stops), default=1) + 1
+        while safe > seq.sent and text[safe - 1] == "\ufffd":  # half of a multi-byte character: wait for the rest
+            safe -= 1
+        if safe > seq.sent:
+            seq.emit("text", text[seq.sent:safe])
+            seq.sent = safe
+        if reason:
+            self._finish(seq, reason)
+            return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str | None) -> None:
+        if seq.adapter is not None and seq.slot is not None:
+            self.registry.release(seq.adapter)
+            seq.slot = None
+        seq.finish = reason or "cancelled"
+        self.counters.finished += 1
+        if reason:
+            seq.emit("done", reason)
+
+    def _fail(self, seq: Sequence, err: Exception) -> None:
+        if seq.adapter is not None and seq.slot is not None:
+            self.registry.release(seq.adapter)
+            seq.slot = None
+        self.counters.failed += 1
+        seq.emit("error", err)
