@@ -1,4 +1,5 @@
-"""``loratune`` command line: train, eval, generate, chat, merge, quickstart.
+"""``loratune`` command line: train, eval, generate, chat, merge, quickstart, serve, export, combine, analyze,
+extract, resize.
 
 Every failure that a user can fix ends as one line on stderr and exit code 2; ``LORATUNE_DEBUG=1``
 shows the full traceback instead.
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="a new or empty directory, or one an earlier merge wrote")
     m.add_argument("--model", help="base model (default: the adapter's)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that loratune did not write")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the merged weights (default: the base's; a 4-bit base is merged in float32)")
 
     q = sub.add_parser("quickstart", help="the main job: fine-tune the bundled model on ISO dates",
                        description="Generate the dates task, measure the base model, fine-tune, measure again, "
@@ -72,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=40")
     q.add_argument("--no-progress", action="store_true")
+
+    from . import compose, export, serve  # their parsers only: each command's work is imported when it runs
+
+    serve.add_parser(sub)
+    export.add_parser(sub)
+    compose.add_parsers(sub)
     return p
 
 
@@ -132,6 +141,14 @@ def _command(name: str):
         command = {"eval": infer.cmd_eval, "generate": infer.cmd_generate, "chat": infer.cmd_chat}[name]
     elif name == "merge":
         from .merge import cmd_merge as command
+    elif name == "serve":
+        from .serve import cmd_serve as command
+    elif name == "export":
+        from .export import cmd_export as command
+    elif name in ("combine", "analyze", "extract", "resize"):
+        from . import compose
+
+        command = getattr(compose, f"cmd_{name}")
     else:
         from .quickstart import cmd_quickstart as command
     return command
