@@ -2,6 +2,7 @@
 
 from .adapters import BASE, LoraConfig, LoraLayer, LoraModel, get_lora_model
 from .errors import AdapterFileError, ConfigError, DataError, LoraTuneError
+from .quant import NF4Linear, NF4Tensor, quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,5 @@ def load_base_model(name_or_path: str = "smollm2-135m-instruct", **kwargs):
 
 __all__ = [
     "AdapterFileError", "BASE", "ConfigError", "DataError", "LoraConfig", "LoraLayer", "LoraModel",
-    "LoraTuneError", "get_lora_model", "load_base_model",
+    "LoraTuneError", "NF4Linear", "NF4Tensor", "get_lora_model", "load_base_model", "quantize_nf4",
 ]

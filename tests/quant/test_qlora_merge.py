@@ -14,7 +14,7 @@ from loratune import LoraConfig, get_lora_model
 from loratune.adapters.layers import LoraLayer
 from loratune.adapters.state import adapter_tensors, merged_state_dict
 from loratune.errors import LoraTuneError
-from loratune.quant import NF4Linear, dequantize_model, quantize_model
+from loratune.quant import NF4Linear, dequantize_model, forced_merge_report, quantize_model
 
 from conftest import LLAMA_TARGETS, ids, rel_err, tiny_llama
 
@@ -64,27 +64,56 @@ def test_merge_into_the_dequantized_copy_gives_the_trained_model():
     assert rel_err(logits(fresh, x), want) < 1e-5
 
 
-def test_forced_merge_into_4_bits_warns_with_the_measured_rounding():
+def _trained_size_qlora():
+    """A QLoRA tiny Llama whose adapter has a trained one's size (it moves the logits by about 30 %), and the
+    merged-fp32 model's logits on x."""
     torch.manual_seed(0)
     model = get_lora_model(quantize_model(tiny_llama()), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
-    for _, layer in model.lora_layers():  # a trained adapter's size: it moves the logits by about 30 %
+    for _, layer in model.lora_layers():
         torch.nn.init.normal_(layer.adapters["default"].lora_B, std=0.02)
-    x = ids(2, 10)
-    qlora_out = logits(model, x)
+    return model
+
+
+def test_merge_and_unload_into_4_bits_is_refused_without_force():
+    model = _trained_size_qlora()
+    with pytest.raises(LoraTuneError, match="force=True"):
+        model.merge_and_unload()
+    assert all(isinstance(layer.base_layer, NF4Linear) and not layer.merged for _, layer in model.lora_layers())
+
+
+def _merged_fp32_logits(model, x):
     exact = copy.deepcopy(model)
     dequantize_model(exact.model)
-    exact_merged = exact.merge_and_unload()  # merged in full precision
-    want = logits(exact_merged, x)
+    return logits(exact.merge_and_unload(), x)
+
+
+def test_forced_merge_into_4_bits_warns_per_layer_with_the_measured_rounding():
+    model = _trained_size_qlora()
+    x = ids(2, 10)
+    qlora_out = logits(model, x)
+    want = _merged_fp32_logits(model, x)
     assert rel_err(qlora_out, want) < 1e-5
+    layers = {name: (layer.base_layer.weight.dequantize().double(), layer.delta_weight("default").detach().double())
+              for name, layer in model.lora_layers()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _, layer in model.lora_layers():
             layer.merge(force=True)
     notes = [str(w.message) for w in caught if "NF4" in str(w.message)]
-    assert len(notes) == 14
-    moved = [float(re.search(r"by ([\d.]+)% of its norm", n).group(1)) for n in notes]
-    of_delta = [float(re.search(r"norm, ([\d.e+-]+)× the adapter", n).group(1)) for n in notes]
-    assert all(1 < m < 30 for m in moved) and all(0.05 < d < 5 for d in of_delta), notes[:2]
+    assert len(notes) == 14 and all("\n" not in n and "dequantize_model" in n for n in notes)
+    # each figure against this test's own float64 measurement of the same layer on its own random inputs
+    g = torch.Generator().manual_seed(1)
+    for note, (name, layer) in zip(notes, model.lora_layers(), strict=True):
+        w, delta = layers[name]
+        xs = torch.randn(256, w.shape[1], generator=g, dtype=torch.float64)
+        exact = xs @ (w + delta).T
+        rounding = (xs @ (layer.base_layer.weight.dequantize().double() - w - delta).T).norm() / exact.norm()
+        own = (xs @ delta.T).norm() / exact.norm()
+        said = re.search(r"changes its outputs by ([\d.]+)%.* changes them by ([\d.]+)%", note)
+        assert said, note
+        assert abs(float(said.group(1)) / 100 - rounding) < 0.25 * rounding, (note, rounding)
+        assert abs(float(said.group(2)) / 100 - own) < 0.25 * own, (note, own)
+        assert 0.005 < rounding < 0.3
     assert all(isinstance(layer.base_layer, NF4Linear) and layer.merged for _, layer in model.lora_layers())
     got = logits(model, x)  # the merged adapter is not applied again on top
     err = rel_err(got, want)  # the merged-4-bit model against the merged-fp32 one (about 0.14 here)
@@ -93,3 +122,28 @@ def test_forced_merge_into_4_bits_warns_with_the_measured_rounding():
         warnings.simplefilter("ignore")
         model.unmerge_adapter()
     assert all(not layer.merged for _, layer in model.lora_layers())
+
+
+def test_forced_merge_report_gives_one_warning_with_the_model_output_error():
+    model = _trained_size_qlora()
+    probe = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))  # the report's own probe
+    want = _merged_fp32_logits(model, probe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with forced_merge_report(model.model):
+            model.merge_adapter(force=True)
+    notes = [str(w.message) for w in caught if "NF4" in str(w.message)]
+    assert len(notes) == 1 and "\n" not in notes[0] and "14 NF4 linear" in notes[0], notes
+    said = float(re.search(r"full-precision merge's by ([\d.]+)%", notes[0]).group(1)) / 100
+    measured = rel_err(logits(model, probe), want)  # merged-4-bit against merged-fp32, measured here
+    assert 0.02 < measured < 0.5 and abs(said - measured) < 1e-3 + 0.01 * measured, (said, measured)
+    assert all(layer.merged for _, layer in model.lora_layers())
+    # nested (as merge_adapter may itself wrap its loop), still one warning; on a model without NF4 layers, none
+    model2 = _trained_size_qlora()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with forced_merge_report(model2.model), forced_merge_report(model2.model):
+            model2.merge_adapter(force=True)
+        with forced_merge_report(tiny_llama()):
+            pass
+    assert len([w for w in caught if "NF4" in str(w.message)]) == 1

@@ -24,6 +24,8 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,6 +36,22 @@ from .nf4 import NF4Tensor, quantize_nf4
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 CHUNK = 1 << 20  # weight values dequantized at a time on CPU (4 MiB in fp32): SmolLM2's linears take one chunk
+MERGE_PROBE_ROWS = 64  # random inputs on which a forced merge measures a layer's output change
+
+
+@dataclass
+class LayerMergeNote:
+    """One layer's forced merge into 4 bits: the relative change of its outputs from re-rounding W+ΔW (against a
+    full-precision merge), and the adapter's own relative change of the same outputs, both on random inputs."""
+
+    shape: tuple[int, int]
+    rounding: float
+    adapter: float
+
+
+# Set by merge.forced_merge_report around a whole model's merge: the layers record their notes there and the report
+# gives one warning; unset, each layer warns on its own.
+NOTES: ContextVar[list[LayerMergeNote] | None] = ContextVar("loratune_nf4_merge_notes", default=None)
 
 
 def check_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -169,25 +187,39 @@ class NF4Linear(nn.Linear):
 
         Refused unless ``force``: the adapter was trained against this layer's 4-bit weight, and requantizing
         W + ΔW moves every weight to a neighbouring 4-bit level, typically by more than ΔW itself. With ``force``
-        it is done and a warning says by how much (measured here: ‖Q(W+ΔW) − (W+ΔW)‖ against ‖W+ΔW‖ and ‖ΔW‖,
-        which is also the expected output error for inputs of uncorrelated, equal-variance features)."""
+        it is done and a warning says by how much, measured: this layer's outputs on ``MERGE_PROBE_ROWS`` random
+        inputs from Q(W+ΔW) against W+ΔW's (a full-precision merge), beside the adapter's own change of them
+        (ΔW's). Inside ``merge.forced_merge_report`` the figures are recorded instead, for one warning per model
+        that also gives the model's output error."""
         if not force:
             raise LoraTuneError(
                 f"refusing to merge into the 4-bit NF4 weight of a {self.in_features}→{self.out_features} linear: "
                 "rounding W+ΔW to 4 bits again adds error, typically more than the adapter's own change; merge into "
                 "a full-precision copy instead (loratune.quant.dequantize_model(model) first), or pass force=True")
         w = self.weight.dequantize(torch.float32).double()
-        target = w + delta.double()
+        delta = delta.detach().to(w.device).double()
+        target = w + delta
         if not torch.isfinite(target).all():
             raise LoraTuneError(f"merging gives non-finite weights in a {self.in_features}→{self.out_features} NF4 "
                                 "linear; the adapter is broken (retrain it, or check its file)")
         q = quantize_nf4(target.float(), self.blocksize, self.double_quant)
-        moved = (q.dequantize(torch.float32).double() - target).norm()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(MERGE_PROBE_ROWS, self.in_features, generator=g, dtype=torch.float64).to(w.device)
+        exact = x @ target.T
+        scale = exact.norm().clamp(min=1e-300)
+        note = LayerMergeNote((self.out_features, self.in_features),
+                              ((x @ (q.dequantize(torch.float32).double() - target).T).norm() / scale).item(),
+                              ((x @ delta.T).norm() / scale).item())
         self.set_weight(q.to(self.packed.device))
-        warnings.warn(f"merged into the 4-bit weight of a {self.in_features}→{self.out_features} NF4 linear: "
-                      f"rounding to 4 bits again moved it by {moved / target.norm():.2%} of its norm, "
-                      f"{moved / delta.double().norm():.3g}× the adapter's own ΔW; outputs differ from a "
-                      "full-precision merge by about that much", stacklevel=3)
+        notes = NOTES.get()
+        if notes is not None:
+            notes.append(note)
+            return
+        warnings.warn(f"merged into the 4-bit weight of a {self.in_features}→{self.out_features} NF4 linear "
+                      f"(force=True): rounding W+ΔW to 4 bits again changes its outputs by {note.rounding:.2%} "
+                      f"against a full-precision merge (measured on random inputs), where the adapter changes them "
+                      f"by {note.adapter:.2%}; merge into a full-precision copy instead (loratune.quant."
+                      "dequantize_model first) to keep the adapter exact", stacklevel=3)
 
     # --- module plumbing -----------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
