@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from loratune import BASE, LoraConfig, get_lora_model
-from loratune.adapters.layers import Factors, LoraLayer, MixedBatch, ModulesToSave, current_batch, mixed_batch
+from loratune.adapters.batch import Factors, MixedBatch, current_batch, mixed_batch
+from loratune.adapters.layers import LoraLayer, ModulesToSave
 
 from conftest import ids, rel_err, tiny_gpt2, tiny_llama
 

@@ -5,23 +5,16 @@ kind of base module, what shapes A and B have, how the LoRA term is computed and
 switching, disabling and per-row adapter selection live once, in the base class. ``LAYER_TYPES`` maps a
 base module type to its LoRA class (a type-keyed registry, as in minLoRA).
 
-Mixed-adapter batches (one adapter per row) are described by a per-call ``MixedBatch``, made current for the
-duration of one forward by ``mixed_batch(...)`` (a context variable: each thread and asyncio task sees its own,
-nothing is left on the modules). Its rows are grouped into per-adapter segments once per call; each layer then adds
-the LoRA term of every segment (Punica's segmented shrink/expand), or, given stacked zero-padded factors (the
-serving registry's slots), of all rows at once with two gathered ``bmm``s. Rows without an adapter are never
-touched, so they equal the base exactly.
+Mixed-adapter batches (one adapter per row) are described per call (``adapters.batch``: a ``MixedBatch`` made
+current by ``mixed_batch(...)``); a layer that finds one adds each row's own adapter's term, and nothing is left on
+the modules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextvars import ContextVar
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,98 +25,12 @@ from .. import ops
 from ..errors import LoraTuneError
 from ..quant import NF4Linear
 from . import functional as LF
+from .batch import BASE, MixedBatch, add_mixed_terms, batch_for, current_batch
 
-BASE = "__base__"  # name of "no adapter" in per-row adapter selection, as in PEFT
+__all__ = ["BASE", "LAYER_TYPES", "Conv1DLora", "ConvLora", "EmbeddingLora", "LinearLora", "LoraAdapter", "LoraLayer",
+           "ModulesToSave", "lora_class_for"]
+
 _HALF = (torch.float16, torch.bfloat16)
-
-
-class Factors(NamedTuple):
-    """One adapter's factors for one layer, as a ``MixedBatch`` hands them to the layer (duck-types LoraAdapter)."""
-
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    scaling: float = 1.0
-    dropout: float = 0.0
-
-
-class MixedBatch:
-    """Per-call metadata of a mixed-adapter batch: which adapter (a key; None = the base) each row uses.
-
-    ``factors(layer, key)`` gives the layer's factors for a key (a ``LoraAdapter`` or ``Factors``; None where that
-    adapter does not target the layer). ``stacks(layer)``, optional, gives stacked factors ``(A (S, r, in),
-    B (S, out, r))`` indexed by integer keys, zero-padded to a common rank and with the scaling folded into B; with
-    them a linear layer computes every row in two gathered ``bmm``s when that is cheaper than a product per segment.
-    ``layers`` are the modules the batch applies to (other models' layers ignore it); ``copies(module, key)`` gives
-    a ``ModulesToSave`` module's copy for a key (or None).
-    """
-
-    def __init__(self, keys: Sequence[Hashable | None], factors: Callable[[nn.Module, Hashable], object | None],
-                 layers: Iterable[nn.Module], stacks: Callable[[nn.Module], tuple | None] | None = None,
-                 copies: Callable[[nn.Module, Hashable], nn.Module | None] | None = None):
-        self.keys = tuple(keys)
-        self.factors, self.stacks, self.copies = factors, stacks, copies
-        self.layers = frozenset(id(m) for m in layers)
-        groups: dict[Hashable, list[int]] = {}
-        for i, k in enumerate(self.keys):
-            if k is not None:
-                groups.setdefault(k, []).append(i)
-        self.segments: list[tuple[Hashable, int, int]] = []
-        order: list[int] = []
-        for k, rows in groups.items():
-            self.segments.append((k, len(order), len(order) + len(rows)))
-            order += rows
-        self._order = torch.tensor(order, dtype=torch.long)
-        self._slots = torch.tensor([self.keys[i] for i in order], dtype=torch.long) if stacks is not None else None
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def applies_to(self, module: nn.Module) -> bool:
-        return id(module) in self.layers
-
-    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rows that have an adapter, grouped by adapter; their slot numbers when stacked) on ``device``."""
-        if device not in self._on:
-            slots = self._slots.to(device) if self._slots is not None else None
-            self._on[device] = (self._order.to(device), slots)
-        return self._on[device]
-
-    def prefer_gathered(self, tokens_per_row: int) -> bool:
-        """Two gathered bmms beat a product per segment when segments are many and short, or rows are long (the
-        gather copies r·(in+out) per row, small next to tokens·r·(in+out) of products)."""
-        n = len(self._order)
-        return len(self.segments) > 1 and (tokens_per_row >= 8 or 2 * len(self.segments) > n)
-
-
-_CURRENT: ContextVar[MixedBatch | None] = ContextVar("loratune_mixed_batch", default=None)
-
-
-@contextlib.contextmanager
-def mixed_batch(batch: MixedBatch | None) -> Iterator[MixedBatch | None]:
-    """Make ``batch`` the current mixed batch for the calls inside this block (this thread / task only)."""
-    token = _CURRENT.set(batch)
-    try:
-        yield batch
-    finally:
-        _CURRENT.reset(token)
-
-
-def current_batch(module: nn.Module) -> MixedBatch | None:
-    """The mixed batch of the running call if it applies to ``module``, else None."""
-    batch = _CURRENT.get()
-    return batch if batch is not None and batch.applies_to(module) else None
-
-
-def adapter_factors(layer: nn.Module, name: Hashable) -> LoraAdapter | None:
-    """A ``MixedBatch`` factor source over a model's own adapters: layer's adapter ``name``, or None."""
-    return layer.adapters[name] if name in getattr(layer, "adapters", {}) else None
-
-
-def _legacy_batch(module: nn.Module) -> MixedBatch | None:
-    """The deprecated per-module ``row_adapters`` list (set by hand, never by LoraModel), as a MixedBatch."""
-    rows = module.__dict__.get("row_adapters")
-    if rows is None:
-        return None
-    return MixedBatch([None if n == BASE else n for n in rows], adapter_factors, [module],
-                      copies=lambda m, k: m.copies[k] if k in m.copies else None)
 
 
 class LoraAdapter(nn.Module):
@@ -240,7 +147,7 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        batch = current_batch(self) or _legacy_batch(self)
+        batch = batch_for(self)
         if batch is not None:
             return self._mixed_forward(x, result, batch)
         for name in self.active:
@@ -249,38 +156,10 @@ class LoraLayer(nn.Module):
         return result
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, batch: MixedBatch) -> torch.Tensor:
-        """Each row gets its own adapter's term; rows without one (and rows whose adapter skips this layer) are left
-        exactly as the base computed them."""
+        """Each row gets its own adapter's term (``batch.add_mixed_terms``); rows without one are left as they are."""
         if self.merged:
             raise LoraTuneError("per-row adapter_names need unmerged adapters; call unmerge_adapter() first")
-        if x.shape[0] != len(batch.keys):
-            raise LoraTuneError(f"the mixed batch names {len(batch.keys)} rows but this call has {x.shape[0]}")
-        order, slots = batch.index(result.device)
-        if order.numel() == 0:
-            return result
-        xs = x.index_select(0, order)
-        stacks = batch.stacks(self) if batch.stacks is not None else None
-        if stacks is not None and isinstance(self, LinearLora) and batch.prefer_gathered(xs[0].numel() // x.shape[-1]):
-            A, B = stacks  # (S, r, in), (S, out, r): slot 0 is zeros, scaling folded into B
-            h = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(A.dtype)
-            u = torch.bmm(h, A.index_select(0, slots).transpose(1, 2))
-            terms = torch.bmm(u, B.index_select(0, slots).transpose(1, 2)).reshape(*xs.shape[:-1], -1)
-            idx = order
-        else:
-            parts, rows = [], []
-            for key, start, stop in batch.segments:
-                f = batch.factors(self, key)
-                if f is not None:
-                    parts.append(self.lora_term(xs[start:stop], f))
-                    rows.append((start, stop))
-            if not parts:
-                return result
-            terms = torch.cat(parts) if len(parts) > 1 else parts[0]
-            idx = order if len(rows) == len(batch.segments) else torch.cat([order[a:b] for a, b in rows])
-        terms = terms.to(result.dtype)
-        if result.requires_grad:
-            return result.index_add(0, idx, terms)
-        return result.index_add_(0, idx, terms)
+        return add_mixed_terms(self, x, result, batch, self.lora_term, linear=isinstance(self, LinearLora))
 
 
 class LinearLora(LoraLayer):
@@ -437,7 +316,7 @@ class ModulesToSave(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.disabled or self.active is None:
             return self.original_module(x, *args, **kwargs)
-        batch = current_batch(self) or _legacy_batch(self)
+        batch = batch_for(self)
         if batch is None:
             return self.copies[self.active](x, *args, **kwargs)
         out = self.original_module(x, *args, **kwargs)

@@ -12,8 +12,9 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterFileError, ConfigError, LoraTuneError
 from . import files, state
+from .batch import BASE, MixedBatch, adapter_factors, mixed_batch
 from .config import LoraConfig
-from .layers import BASE, LoraLayer, MixedBatch, ModulesToSave, adapter_factors, lora_class_for, mixed_batch
+from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .targets import SEQ_CLS_HEADS, all_linear_targets, in_layers, layer_index, name_matches, pattern_value
 
 
@@ -183,6 +184,23 @@ class LoraModel(nn.Module):
         for name in train:
             for p in state.bias_params(self.model, self.peft_config[name].bias):
                 p.requires_grad_(True)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             density: float | None = None, majority_sign_method: str = "total",
+                             seed: int | None = None, svd_clamp: float | None = None,
+                             allow_partial: bool = False):
+        """PEFT's ``add_weighted_adapter``: a new adapter ``adapter_name`` (added, not made active) combining the
+        named ``adapters`` with ``weights``. Modes as PEFT's: "cat" (exact Σ wᵢ·ΔWᵢ), "svd" (that, truncated to
+        ``svd_rank``), "linear" (factor-wise, equal ranks), "ties", "dare_linear", "dare_ties", "magnitude_prune"
+        and their "_svd" forms (``density`` in (0, 1], ``majority_sign_method``, ``seed`` for DARE's drops). Each
+        ΔWᵢ uses its own adapter's scaling (rsLoRA and patterns included), unlike PEFT. Returns a
+        ``CombineReport`` (ranks, and the energy kept by the SVD modes). See ``adapters.weighted``."""
+        from .weighted import add_weighted_adapter  # the pure combination math, in this layer
+
+        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                                    density=density, majority_sign_method=majority_sign_method, seed=seed,
+                                    svd_clamp=svd_clamp, allow_partial=allow_partial)
 
     # --- counting ------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

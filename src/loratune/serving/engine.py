@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..adapters.layers import mixed_batch
+from ..adapters.batch import mixed_batch
 from .registry import AdapterRegistry
 
 

@@ -27,8 +27,9 @@ from torch import nn
 
 from .. import ops
 from ..adapters import functional as LF
+from ..adapters.batch import Factors, MixedBatch
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
-from ..adapters.layers import Factors, LoraLayer, MixedBatch, lora_class_for
+from ..adapters.layers import LoraLayer, lora_class_for
 from ..adapters.state import PREFIX, module_of
 from ..adapters.targets import all_linear_targets, pattern_value
 from ..errors import AdapterFileError, LoraTuneError
