@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,25 +93,52 @@ def test_grad_accum_equals_bigger_batch(tiny_dir, data_files, tmp_path):
         assert rel_err(b[k], a[k]) <= 1e-5, k
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(tiny_dir, data_files, tmp_path):
-    """2 gloo processes at batch 4 = 1 process at batch 4 × grad_accum 2 (same global batch)."""
-    base = ["lora.dropout=0", "train.batch_size=4"]
-    train(_cfg(tiny_dir, data_files, tmp_path / "one", *base, "train.grad_accum=2"), progress=False)
-    train_f, eval_f = data_files
-    args = [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}", f"output_dir={tmp_path / 'two'}",
-            "train.max_steps=6", "lora.r=4", "train.lr=1e-2", "data.max_seq_len=64", *base]
+def _free_port() -> int:
+    with socket.socket() as s:  # a port nobody holds now (a fixed one may be taken by another test run)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path, out, args, nproc=2, timeout=600):
+    """``torchrun --nproc_per_node=nproc -m loratune train`` with ``args`` as overrides; the finished process."""
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("{}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        "-m", "loratune", "train", str(cfg_file), *args, "--no-progress"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           f"--master_port={_free_port()}", "-m", "loratune", "train", str(cfg_file), *args,
+                           f"output_dir={out}", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch, accum, steps", [
+    (3, 1, 8),  # the 6th global batch has 2 rows: rank 0 gets 2 of its 3, rank 1 none; then epoch 2
+    (3, 2, 4),  # the 3rd has 8 rows: rank 0 two micro-batches of 3, rank 1 one of 2; then epoch 2
+])
+def test_torchrun_two_processes_match_one(tiny_dir, data_files, tmp_path, batch, accum, steps):
+    """2 gloo processes at batch b × accum a = 1 process at batch b × accum 2a (the same global batches), also
+    where a global batch is short and a rank has fewer rows than the other, or none, and across an epoch's end:
+    every rank takes part in every all-reduce, and the loss is divided by the global batch's token count."""
+    base = ["lora.dropout=0", f"train.batch_size={batch}", f"train.max_steps={steps}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same products, the same rounding
+    try:
+        one = train(_cfg(tiny_dir, data_files, tmp_path / "one", *base, f"train.grad_accum={2 * accum}"),
+                    progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    train_f, eval_f = data_files
+    args = [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}", "lora.r=4", "train.lr=1e-2",
+            "data.max_seq_len=64", *base, f"train.grad_accum={accum}"]
+    r = _torchrun(tmp_path, tmp_path / "two", args)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("train loss") == 1  # one summary, from rank 0
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
         assert rel_err(b[k], a[k]) <= 1e-5, k
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([h["loss"] for h in one.history], rel=1e-5)  # the global batch's mean loss
 
 
 def test_loraplus_gives_b_a_larger_lr(tiny_dir, data_files, tmp_path):

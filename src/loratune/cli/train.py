@@ -20,7 +20,8 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return dry_run(cfg)
     result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    print_summary(result.history, result.seconds, result.adapter_dir)
+    if result.rank == 0:  # under torchrun, one summary, not one per process
+        print_summary(result.history, result.seconds, result.adapter_dir)
     return 0
 
 

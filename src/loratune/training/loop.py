@@ -47,6 +47,7 @@ class RunResult:
     history: list[dict]
     steps: int
     seconds: float
+    rank: int = 0  # this process's rank under torchrun: only rank 0 prints the summary
 
 
 def fit_to_model(data_cfg: DataConfig, model) -> DataConfig:
@@ -178,7 +179,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     ops.clear_mask_cache()  # let go of the last input's x⊙mask: evaluation and merging need none
     ops.release_workspace()  # and of the loss's kept chunk × vocab buffer
     if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet
-        return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0)
+        return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0, rank)
 
     adapter_dir = out / "adapter"
     if rank == 0:
@@ -191,6 +192,6 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()
-    return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0)
+    return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0, rank)
 
 
