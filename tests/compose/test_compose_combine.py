@@ -23,8 +23,15 @@ from compose_fixtures import (
 )
 
 from loratune import LoraConfig, LoraModel
-from loratune.compose import add_weighted_adapter, combine_adapters, load_adapter, save_adapter
-from loratune.compose import tensor_ops as T
+from loratune.adapters import merge_ops as T
+from loratune.compose import (
+    add_weighted_adapter,
+    analyze_adapter,
+    combine_adapters,
+    load_adapter,
+    resize_adapter,
+    save_adapter,
+)
 from loratune.errors import LoraTuneError
 
 from conftest import LLAMA_TARGETS, TinyConvNet, ids, tiny_gpt2, tiny_llama
@@ -189,13 +196,61 @@ def test_gpt2_conv1d_matches_peft(tmp_path, monkeypatch):
 def test_add_weighted_adapter_on_lora_model(pair):
     base, lm, _ = pair
     lm = copy.deepcopy(lm)
-    report = add_weighted_adapter(lm, ["a", "b"], W, "mix", combination_type="svd", svd_rank=8)
+    report = lm.add_weighted_adapter(["a", "b"], W, "mix", combination_type="svd", svd_rank=8)
     assert "mix" in lm.peft_config and lm.active_adapters == ["a"]
     ref = reference_sum(adapters_of(lm, ["a", "b"]), W)
     live = {p: layer.delta_weight("mix").double() for p, layer in lm.lora_layers() if "mix" in layer.adapters}
     assert max_rel(live, ref) < 1e-5 and len(report.ranks) == len(ref)
+    assert min(report.energy_kept.values()) > 1 - 1e-9  # rank 8 = 4 + 4 holds all of it
     with pytest.raises(LoraTuneError, match="already exists"):
-        add_weighted_adapter(lm, ["a", "b"], W, "mix")
+        lm.add_weighted_adapter(["a", "b"], W, "mix")
+    # the free function (compose's re-export) is the same thing
+    add_weighted_adapter(lm, ["a", "b"], W, "mix2", combination_type="cat")
+    live2 = {p: layer.delta_weight("mix2").double() for p, layer in lm.lora_layers() if "mix2" in layer.adapters}
+    assert max_rel(live2, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ("ties", "dare_ties_svd", "magnitude_prune_svd"))
+def test_method_matches_peft_method_and_saves_for_peft(pair, mode, tmp_path, monkeypatch):
+    """The LoraModel method against PEFT's method on the same two adapters; the result saves in PEFT's format and
+    PEFT loads it with the same ΔW."""
+    base, lm, _ = pair
+    lm = copy.deepcopy(lm)
+    pm = peft_with(base, lm, ["a", "b"], tmp_path)
+    dare_patch(monkeypatch, seed=3)
+    pm.add_weighted_adapter(["a", "b"], W, "m", combination_type=mode, density=0.5)
+    lm.add_weighted_adapter(["a", "b"], W, "m", combination_type=mode, density=0.5, seed=3)
+    ours = {p: layer.delta_weight("m").double() for p, layer in lm.lora_layers() if "m" in layer.adapters}
+    assert max_rel(ours, peft_deltas(pm, "m")) < 1e-5
+    lm.save_pretrained(tmp_path / "saved", selected_adapters=["m"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "saved" / "m", adapter_name="m")
+    assert max_rel(ours, peft_deltas(reloaded, "m")) < 1e-5
+
+
+def test_method_refuses_bad_input_and_leaves_model_unchanged(pair):
+    _, lm, _ = pair
+    lm = copy.deepcopy(lm)
+    cases = [
+        (dict(adapters=["a", "b"], weights=[1.0]), "1 weight(s) for 2 adapter(s)"),
+        (dict(adapters=["a", "zz"], weights=W), "unknown adapter 'zz'"),
+        (dict(adapters="a", weights=[1.0]), "list of adapter names"),
+        (dict(adapters=["a", "b"], weights=W, combination_type="ties", density=1.5), "density must be in (0, 1]"),
+        (dict(adapters=["a", "b"], weights=W, combination_type="ties", density=0.0), "density must be in (0, 1]"),
+        (dict(adapters=["a", "b"], weights=W, svd_rank=65), "svd_rank=65 is more than module"),
+    ]
+    for kwargs, says in cases:
+        with pytest.raises(LoraTuneError) as e:
+            lm.add_weighted_adapter(adapter_name="new", **kwargs)
+        assert says in str(e.value) and "\n" not in str(e.value), (kwargs, str(e.value))
+        assert "new" not in lm.peft_config
+    # DoRA: LoraConfig cannot load one yet, but a config that says use_dora must never be combined as plain LoRA
+    lm.peft_config["a"] = dataclasses.replace(lm.peft_config["a"])
+    object.__setattr__(lm.peft_config["a"], "use_dora", True)
+    with pytest.raises(LoraTuneError, match="DoRA") as e:
+        lm.add_weighted_adapter(["a", "b"], W, "new", combination_type="cat")
+    assert "\n" not in str(e.value) and "new" not in lm.peft_config
 
 
 # --- TIES / DARE on small hand-checked matrices ----------------------------------------------------------------
@@ -298,17 +353,24 @@ def test_bad_input(pair):
 
 
 def test_dora_adapter_is_refused(pair, tmp_path):
+    """A DoRA adapter's ΔW is not s·B·A; until its combination is built, it is refused with one line, whether the
+    config reader already refuses it or loads it."""
     import json
 
-    _, lm, _ = pair
+    _, lm, adapters = pair
     lm.save_pretrained(tmp_path / "d", selected_adapters=["a"])
     cfg_path = tmp_path / "d" / "a" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["use_dora"] = True
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(LoraTuneError, match="use_dora") as e:
-        load_adapter(tmp_path / "d" / "a")
+        dora = load_adapter(tmp_path / "d" / "a")
+        combine_adapters([dora, adapters[1]], W, "cat")
     assert "\n" not in str(e.value)
+    if "DoRA" in str(e.value):  # refused by the compose tools themselves: analyze and resize too
+        for tool in (lambda: analyze_adapter(dora), lambda: resize_adapter(dora, 2)):
+            with pytest.raises(LoraTuneError, match="DoRA"):
+                tool()
 
 
 def test_saved_result_loads_in_peft_with_same_logits(pair, tmp_path):

@@ -17,7 +17,7 @@ COMMANDS = ("combine", "analyze", "extract", "resize")
 
 def add_parsers(sub) -> None:
     """Add combine, analyze, extract and resize to ``sub`` (an argparse subparsers object)."""
-    from ..compose.combine import COMBINATION_TYPES
+    from ..adapters.weighted import COMBINATION_TYPES
 
     c = sub.add_parser("combine", help="combine adapters: weighted sum, SVD, TIES, DARE (PEFT's modes)",
                        description="One adapter from several: cat (exact Σ wᵢ·ΔWᵢ), svd (that, truncated), "

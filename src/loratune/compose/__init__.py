@@ -1,31 +1,27 @@
-"""Adapter composition and rank tools, as pure functions of adapters (tensors under PEFT's keys + LoraConfig):
+"""Adapter composition and rank tools over adapters held as data (tensors under PEFT's keys + LoraConfig):
 weighted combination (PEFT's ``add_weighted_adapter`` modes: cat, svd, linear, TIES, DARE, magnitude pruning),
-rank analysis, resizing, and extraction of a LoRA from a fine-tuned model."""
+rank analysis (``rank``), resizing, extraction of a LoRA from a fine-tuned model (``extract``), PEFT-format
+directories (``io``) and plots (``plot``).
 
-from .combine import COMBINATION_TYPES, CombineReport, combine_adapters
-from .factors import Adapter, Pair, delta_weights, lora_pairs
-from .io import adapter_from_model, add_to_model, load_adapter, save_adapter
+The combination math itself is pure and lives one layer down, in ``loratune.adapters.weighted`` (with the factor
+representation in ``adapters.factors`` and TIES/DARE on tensors in ``adapters.merge_ops``), so that
+``LoraModel.add_weighted_adapter`` can offer it without the adapters layer importing this one; it is re-exported
+here.
+"""
 
-__all__ = ["COMBINATION_TYPES", "Adapter", "CombineReport", "Pair", "adapter_from_model", "add_to_model",
-           "add_weighted_adapter", "combine_adapters", "delta_weights", "load_adapter", "lora_pairs",
-           "save_adapter"]
+from ..adapters.factors import Adapter, Pair, delta_weights, lora_pairs
+from ..adapters.weighted import (
+    COMBINATION_TYPES,
+    CombineReport,
+    adapter_from_model,
+    add_to_model,
+    add_weighted_adapter,
+    combine_adapters,
+)
+from .extract import ExtractReport, extract_lora
+from .io import load_adapter, save_adapter
+from .rank import Analysis, analyze_adapter, resize_adapter
 
-
-def add_weighted_adapter(lora_model, adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
-                         majority_sign_method: str = "total", seed: int | None = None,
-                         svd_clamp: float | None = None, allow_partial: bool = False) -> CombineReport:
-    """PEFT's ``LoraModel.add_weighted_adapter`` for a loratune ``LoraModel``: adapter ``adapter_name`` made from
-    the named ``adapters`` by ``combine_adapters`` (same modes and arguments), added (not active); returns the
-    report (ranks, energy kept)."""
-    from ..errors import LoraTuneError
-
-    if adapter_name in lora_model.peft_config:
-        raise LoraTuneError(f"adapter {adapter_name!r} already exists; pick another name or "
-                            f"delete_adapter({adapter_name!r}) first")
-    parts = [adapter_from_model(lora_model, n) for n in adapters]
-    result, report = combine_adapters(parts, weights, combination_type, svd_rank=svd_rank, density=density,
-                                      majority_sign_method=majority_sign_method, seed=seed, svd_clamp=svd_clamp,
-                                      allow_partial=allow_partial, check_base=False, name=adapter_name)
-    add_to_model(lora_model, result, adapter_name)
-    return report
+__all__ = ["COMBINATION_TYPES", "Adapter", "Analysis", "CombineReport", "ExtractReport", "Pair",
+           "adapter_from_model", "add_to_model", "add_weighted_adapter", "analyze_adapter", "combine_adapters",
+           "delta_weights", "extract_lora", "load_adapter", "lora_pairs", "resize_adapter", "save_adapter"]

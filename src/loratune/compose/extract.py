@@ -15,9 +15,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapters.config import LoraConfig
+from ..adapters.factors import Adapter, Pair, energy_kept, to_adapter, truncate
 from ..adapters.targets import all_linear_targets, name_matches
 from ..errors import ConfigError, LoraTuneError
-from .factors import Adapter, Pair, energy_kept, to_adapter, truncate
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Adapters in and out of PEFT-format directories, and in and out of a live ``LoraModel``.
+"""Adapters in and out of PEFT-format directories.
 
 Directories are read with safetensors only (``adapters.files``) and written whole or not at all
 (``fsutil.atomic_dir``). An output directory must be new, empty, or one a compose command wrote (it holds a
@@ -10,13 +10,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
-from ..adapters import state
+from ..adapters.factors import Adapter
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
 from ..errors import ConfigError, LoraTuneError
 from ..fsutil import atomic_dir, save_json, save_tensors, writable_place
-from .factors import Adapter
 
 MARKER = ".loratune-compose.json"
 # Files beside an adapter that describe how to prompt it (the tokenizer and chat template `loratune train` saves,
@@ -72,24 +69,3 @@ def save_adapter(adapter: Adapter, out: str | Path, provenance: dict | None = No
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
         save_json({"written_by": "loratune compose", **(provenance or {})}, tmp / MARKER)
-
-
-def adapter_from_model(lora_model, name: str) -> Adapter:
-    """Adapter ``name`` of a LoraModel as data (detached copies of its tensors, in the model's module order)."""
-    if name not in lora_model.peft_config:
-        raise LoraTuneError(f"unknown adapter {name!r}; this model has {list(lora_model.peft_config)}")
-    cfg = lora_model.peft_config[name]
-    tensors = {k: v.detach().clone() for k, v in state.adapter_tensors(lora_model.model, cfg, name).items()}
-    return Adapter(tensors, cfg, name)
-
-
-def add_to_model(lora_model, adapter: Adapter, name: str) -> None:
-    """Inject ``adapter`` into a LoraModel as adapter ``name`` (not made active), its tensors copied in."""
-    lora_model.add_adapter(name, adapter.config)
-    try:
-        ref = next(iter(state.adapter_tensors(lora_model.model, lora_model.peft_config[name], name).values()))
-        tensors = {k: v.to(ref.dtype) if isinstance(v, torch.Tensor) else v for k, v in adapter.tensors.items()}
-        state.load_adapter_state(lora_model.model, lora_model.peft_config[name], name, tensors, adapter.name)
-    except Exception:
-        lora_model.delete_adapter(name)
-        raise

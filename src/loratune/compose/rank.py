@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..adapters.factors import Adapter, Pair, energy_kept, lora_pairs, low_rank_svd, to_adapter, truncate
 from ..adapters.functional import lora_scaling
 from ..adapters.targets import layer_index, pattern_value
 from ..errors import ConfigError
-from .factors import Adapter, Pair, energy_kept, lora_pairs, low_rank_svd, to_adapter, truncate
 
 
 @dataclass

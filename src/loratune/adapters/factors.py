@@ -1,10 +1,11 @@
-"""An adapter as data, and its LoRA pairs as per-module factors: the representation every compose tool works on.
+"""An adapter as data, and its LoRA pairs as per-module factors: the representation that weighted combination
+(``adapters.weighted``) and every compose tool work on.
 
 ``Adapter`` is what an adapter directory holds (PEFT-key tensors + ``LoraConfig``). ``lora_pairs`` turns it into
 one ``Pair`` per module: A and B as stored, the module's own scaling (``alpha_pattern``, ``rank_pattern`` and rsLoRA
 each applied as the adapter's config says) and the "matrix" view ΔW = s·B·A of shape (out, in·k), the layout in
 which ranks and singular values are defined. ``weight_layout``/``matrix_layout`` convert to and from the layout of
-the base weight (transposed for embeddings and GPT-2's Conv1D, the kernel's shape for convolutions). ``from_matrix``
+the base weight (transposed for embeddings and GPT-2's Conv1D, the kernel's shape for convolutions). ``from_factors``
 and ``low_rank_svd`` go back from a ΔW to factors.
 """
 
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import functional as LF
-from ..adapters.config import LoraConfig
-from ..adapters.state import PREFIX
-from ..adapters.targets import pattern_value
-from ..errors import AdapterFileError, ConfigWarning
+from ..errors import AdapterFileError, ConfigError, ConfigWarning
+from . import functional as LF
+from .config import LoraConfig
+from .state import PREFIX
+from .targets import pattern_value
 
 _KEYS = {"linear": (".lora_A.weight", ".lora_B.weight"), "embedding": (".lora_embedding_A", ".lora_embedding_B")}
 
@@ -93,6 +94,10 @@ def lora_pairs(adapter: Adapter, allow_other: bool = True) -> dict[str, Pair]:
     """Module path -> its ``Pair``, in the order the tensors come. Tensors that are not LoRA factors
     (modules_to_save, trained biases) are an error unless ``allow_other``."""
     cfg, t = adapter.config, adapter.tensors
+    if getattr(cfg, "use_dora", False):  # its ΔW is not s·B·A: the magnitude vector rescales every column
+        raise ConfigError(f"adapter {adapter.name} is a DoRA adapter (use_dora=True); combining, analyzing and "
+                          "resizing DoRA adapters is not supported yet (only the plain LoRA ΔW = s·B·A is): use "
+                          "plain LoRA adapters")
     pairs: dict[str, Pair] = {}
     for key in t:
         if not key.startswith(PREFIX):

@@ -1,4 +1,6 @@
-"""Weighted combinations of LoRA adapters: PEFT's ``add_weighted_adapter`` modes as a pure function of adapters.
+"""Weighted combinations of LoRA adapters: PEFT's ``add_weighted_adapter`` modes as a pure function of adapters
+(``combine_adapters``), and the same on a live model (``add_weighted_adapter``, behind
+``LoraModel.add_weighted_adapter``). ``loratune.compose`` (directories, CLI, rank tools) builds on this module.
 
 Modes (PEFT's names and definitions):
 
@@ -15,7 +17,8 @@ Each ΔWᵢ carries its own adapter's scaling (rsLoRA, ``alpha_pattern`` and ``r
 stores its factors for scaling 1 and says so in its config (``use_rslora=False``, α = r per module). PEFT instead
 copies ``use_rslora`` from the first adapter, so a combination of rsLoRA adapters comes out √r too strong
 (huggingface/peft#3761). Two further differences from PEFT: one adapter is combined by the mode asked for (PEFT
-switches to ``linear``), and an ``adapter_name`` that exists is an error (PEFT returns silently).
+switches to ``linear``), and an ``adapter_name`` that exists is an error (PEFT returns silently). DoRA adapters
+(``use_dora``) are refused until loratune has the variant.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, LoraTuneError, closest
+from . import state
 from .factors import Adapter, Pair, energy_kept, lora_pairs, low_rank_svd, to_adapter, truncate
-from .tensor_ops import SIGN_METHODS, combine_tensors
+from .merge_ops import SIGN_METHODS, combine_tensors
 
 FACTOR_MODES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DELTA_MODES = {"svd": "linear", "ties_svd": "ties", "dare_linear_svd": "dare_linear",
@@ -203,3 +207,46 @@ def _check_modules(adapters, all_pairs, allow_partial: bool, check_base: bool) -
                                     f"(e.g. {lacking[0]!r}); combine adapters with the same target_modules, or pass "
                                     "allow_partial=True / --allow-partial to count a missing module as ΔW = 0")
     return list(order)
+
+
+# --- on a live LoraModel ---------------------------------------------------------------------------------------
+def adapter_from_model(lora_model, name: str) -> Adapter:
+    """Adapter ``name`` of a LoraModel as data (detached copies of its tensors, in the model's module order)."""
+    if name not in lora_model.peft_config:
+        raise LoraTuneError(f"unknown adapter {name!r}; this model has {list(lora_model.peft_config)}")
+    cfg = lora_model.peft_config[name]
+    tensors = {k: v.detach().clone() for k, v in state.adapter_tensors(lora_model.model, cfg, name).items()}
+    return Adapter(tensors, cfg, name)
+
+
+def add_to_model(lora_model, adapter: Adapter, name: str) -> None:
+    """Inject ``adapter`` into a LoraModel as adapter ``name`` (not made active), its tensors copied in."""
+    lora_model.add_adapter(name, adapter.config)
+    try:
+        ref = next(iter(state.adapter_tensors(lora_model.model, lora_model.peft_config[name], name).values()))
+        tensors = {k: v.to(ref.dtype) if isinstance(v, torch.Tensor) else v for k, v in adapter.tensors.items()}
+        state.load_adapter_state(lora_model.model, lora_model.peft_config[name], name, tensors, adapter.name)
+    except Exception:
+        lora_model.delete_adapter(name)
+        raise
+
+
+def add_weighted_adapter(lora_model, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
+                         majority_sign_method: str = "total", seed: int | None = None,
+                         svd_clamp: float | None = None, allow_partial: bool = False) -> CombineReport:
+    """Add adapter ``adapter_name`` to ``lora_model`` (a LoraModel), made from its adapters ``adapters`` by
+    ``combine_adapters`` (same modes and arguments), not made active; returns the report (ranks, energy kept).
+    Nothing is changed if any check fails."""
+    if not isinstance(adapter_name, str) or adapter_name in lora_model.peft_config:
+        raise LoraTuneError(f"adapter {adapter_name!r} already exists; pick another name or "
+                            f"delete_adapter({adapter_name!r}) first")
+    if isinstance(adapters, str):
+        raise ConfigError(f"adapters must be a list of adapter names, got the string {adapters!r}; "
+                          f"e.g. adapters=[{adapters!r}]")
+    parts = [adapter_from_model(lora_model, n) for n in adapters]
+    result, report = combine_adapters(parts, weights, combination_type, svd_rank=svd_rank, density=density,
+                                      majority_sign_method=majority_sign_method, seed=seed, svd_clamp=svd_clamp,
+                                      allow_partial=allow_partial, check_base=False, name=adapter_name)
+    add_to_model(lora_model, result, adapter_name)
+    return report
