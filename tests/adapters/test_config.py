@@ -22,7 +22,7 @@ def test_defaults_match_peft():
     ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\)"),
     ({"lora_alpha": 0}, "lora_alpha must be a positive"),
     ({"bias": "some"}, "bias must be one of"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights must be"),
+    ({"init_lora_weights": "pissa_fast"}, "init_lora_weights must be"),
     ({"layers_to_transform": "0"}, "layers_to_transform must be"),
     ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]"),
     ({"task_type": "CAUSAL"}, "task_type must be one of"),
@@ -53,8 +53,8 @@ def test_peft_dict_round_trip_and_unsupported_features():
     d = json.loads(json.dumps(c.to_dict()))
     assert d["peft_type"] == "LORA" and d["use_dora"] is False
     assert LoraConfig.from_dict(d) == c
-    d["use_dora"] = True
-    with pytest.raises(ConfigError, match="use_dora=True is a PEFT feature loratune does not support"):
+    d["use_qalora"] = True  # (use_dora is supported: adapters/variants)
+    with pytest.raises(ConfigError, match="use_qalora=True is a PEFT feature loratune does not support"):
         LoraConfig.from_dict(d)
     with pytest.raises(ConfigError, match="loads LoRA adapters only"):
         LoraConfig.from_dict({**c.to_dict(), "peft_type": "IA3"})

@@ -18,14 +18,14 @@ BIAS_MODES = ("none", "all", "lora_only")
 # PEFT config fields that loratune does not implement: loading an adapter that sets one of them to
 # anything but its default would silently change the model, so it is refused instead.
 _PEFT_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_dora": False, "lora_bias": False, "use_qalora": False, "layer_replication": None,
+    "lora_bias": False, "use_qalora": False, "layer_replication": None,
     "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "megatron_config": None,
 }
 # PEFT bookkeeping fields that carry no meaning for the adapter's math.
 _PEFT_IGNORED = {
     "peft_type", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
     "monteclora_config", "runtime_config", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
 }
 
@@ -47,6 +47,8 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
+    loftq_config: dict[str, Any] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -87,8 +89,7 @@ class LoraConfig:
             p.extend(_regex_problems("exclude_modules", self.exclude_modules))
         if self.bias not in BIAS_MODES:
             p.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            p.append(f'init_lora_weights must be True, False or "gaussian", got {self.init_lora_weights!r}')
+        p.extend(_variant_problems(self))
         if self.layers_to_transform is not None and not (
             _is_int(self.layers_to_transform)
             or (isinstance(self.layers_to_transform, list) and all(map(_is_int, self.layers_to_transform)))
@@ -121,7 +122,7 @@ class LoraConfig:
         """This config as PEFT writes it to adapter_config.json (PEFT-only fields at their defaults)."""
         d = dataclasses.asdict(self)
         d.update(_PEFT_UNSUPPORTED_DEFAULTS)
-        d.update(peft_type="LORA", inference_mode=True, revision=None, auto_mapping=None, loftq_config={},
+        d.update(peft_type="LORA", inference_mode=True, revision=None, auto_mapping=None,
                  megatron_core="megatron.core")
         return dict(sorted(d.items()))
 
@@ -169,6 +170,38 @@ def _checked_init(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
 
 
 LoraConfig.__init__ = _checked_init  # type: ignore[method-assign]
+
+
+_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def _variant_problems(c: LoraConfig) -> list[str]:
+    """Problems with the variant fields: ``use_dora``, ``init_lora_weights``, ``loftq_config``."""
+    p: list[str] = []
+    init = c.init_lora_weights
+    if not isinstance(c.use_dora, bool):
+        p.append(f"use_dora must be true or false, got {c.use_dora!r}")
+    if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq")
+            or (isinstance(init, str) and _NITER.fullmatch(init))):
+        hint = " (K, the number of fast-SVD iterations, is a positive integer: e.g. pissa_niter_4)" \
+            if isinstance(init, str) and init.startswith("pissa_niter") else ""
+        p.append(f'init_lora_weights must be true, false, "gaussian", "pissa", "pissa_niter_K", "olora" or '
+                 f'"loftq", got {init!r}{hint}')
+    if not isinstance(c.loftq_config, dict):
+        p.append(f"loftq_config must be a mapping such as {{loftq_bits: 4, loftq_iter: 1}}, got {c.loftq_config!r}")
+    elif init == "loftq":
+        bits, iters = c.loftq_config.get("loftq_bits"), c.loftq_config.get("loftq_iter", 1)
+        if bits != 4:
+            p.append(f"loftq_config must set loftq_bits: 4 for init_lora_weights=loftq (LoftQ quantizes the base to "
+                     f"4-bit NF4, loratune's only quantization), got loftq_bits={bits!r}")
+        if not _is_int(iters) or iters < 1:
+            p.append(f"loftq_config's loftq_iter must be a positive integer (e.g. 1), got {iters!r}")
+        unknown = sorted(set(c.loftq_config) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            p.append(f"loftq_config has unknown key(s) {unknown}; it takes loftq_bits and loftq_iter")
+    elif c.loftq_config:
+        p.append(f'loftq_config only applies with init_lora_weights="loftq" (it is {init!r}); remove loftq_config')
+    return p
 
 
 def _is_int(v: Any) -> bool:

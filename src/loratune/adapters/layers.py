@@ -43,6 +43,7 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
         self.r, self.lora_alpha, self.dropout = r, lora_alpha, dropout
         self.scaling = LF.lora_scaling(lora_alpha, r, use_rslora)
+        self.variant = None  # a variant with its own forward and merge (adapters.variants), or None: plain LoRA
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
@@ -92,7 +93,7 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, dropout: float, use_rslora: bool,
-                    init: bool | str) -> None:
+                    init: bool | str, variant=None) -> None:
         w = self.weight
         # fp16/bf16 bases get fp32 adapters, as PEFT does: tiny updates vanish in half precision.
         dtype = torch.float32 if w.dtype in _HALF or not w.is_floating_point() \
@@ -100,6 +101,9 @@ class LoraLayer(nn.Module):
         ad = LoraAdapter(*self.adapter_shapes(r), r, lora_alpha, dropout, use_rslora, dtype, w.device)
         self.reset_adapter(ad, init)
         self.adapters[name] = ad
+        if variant is not None:  # ``variants.Variant``: its init (PiSSA, DoRA's magnitude, ...), then maybe its forward
+            variant.init(self, name)
+            ad.variant = variant if variant.custom_forward else None
         if not self.active:
             self.active = [name]
 
@@ -118,7 +122,8 @@ class LoraLayer(nn.Module):
             if name in self.merged:
                 warnings.warn(f"adapter '{name}' is already merged; nothing changed", stacklevel=3)
                 continue
-            delta = self.delta_weight(name).to(self.weight.dtype)
+            v = self.adapters[name].variant
+            delta = (v.merge_delta(self, name) if v else self.delta_weight(name)).to(self.weight.dtype)
             if hasattr(self.base_layer, "add_to_weight"):
                 self.base_layer.add_to_weight(delta, safe=safe_merge, force=force)
             elif safe_merge:
@@ -135,7 +140,8 @@ class LoraLayer(nn.Module):
         """W0 -= ΔW for merged adapters (default: all), newest first."""
         for name in reversed(list(self.merged if names is None else names)):
             if name in self.merged:
-                delta = self.delta_weight(name).to(self.weight.dtype)
+                v = self.adapters[name].variant
+                delta = (v.unmerge_delta(self, name) if v else self.delta_weight(name)).to(self.weight.dtype)
                 if hasattr(self.base_layer, "add_to_weight"):  # (it was merged with force)
                     self.base_layer.add_to_weight(-delta, force=True)
                 else:
@@ -152,7 +158,9 @@ class LoraLayer(nn.Module):
             return self._mixed_forward(x, result, batch)
         for name in self.active:
             if name not in self.merged:
-                result = result + self.lora_term(x, self.adapters[name]).to(result.dtype)
+                v = self.adapters[name].variant
+                result = v.forward(self, name, x, result) if v else \
+                    result + self.lora_term(x, self.adapters[name]).to(result.dtype)
         return result
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, batch: MixedBatch) -> torch.Tensor:
@@ -172,11 +180,17 @@ class LinearLora(LoraLayer):
         return (r, in_f), (out_f, r)
 
     def lora_term(self, x, ad):
+        if getattr(ad, "variant", None) is not None and current_batch(self) is not None:
+            raise LoraTuneError(f"mixed-adapter batches do not support {ad.variant.name} adapters yet; run their rows "
+                                "in a call of their own (set_adapter)")
         return LF.lora_linear_reference(x.to(ad.lora_A.dtype), ad.lora_A, ad.lora_B, ad.scaling,
                                         ad.dropout, self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._unfused_reason(x, args, kwargs) is not None:
+            ad = self.adapters[self.active[0]] if len(self.active) == 1 else None
+            if ad is not None and ad.variant is not None and self._variant_runs(args, kwargs):
+                return ad.variant.forward(self, self.active[0], x, None)  # the sole adapter's variant: all of it
             return super().forward(x, *args, **kwargs)
         ad = self.adapters[self.active[0]]
         if hasattr(self.base_layer, "dense_weight"):  # a base that stores W0 another way (4 bits) lends it dense
@@ -206,7 +220,14 @@ class LinearLora(LoraLayer):
         if type(self.base_layer) not in (nn.Linear, Conv1D) and not hasattr(self.base_layer, "dense_weight"):
             return f"the base layer is a {type(self.base_layer).__name__}, not a plain Linear/Conv1D"
         ad = self.adapters[self.active[0]]
+        if ad.variant is not None:
+            return f"a {ad.variant.name} adapter: its variant computes the layer (adapters.variants)"
         return ops.unfused_reason(x, self.weight, ad.lora_A, ad.lora_B, ad.dropout)
+
+    def _variant_runs(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the sole active adapter's variant computes this call whole (else: on top of the base's output)."""
+        return not (args or kwargs or self.disabled or self.merged or current_batch(self) is not None
+                    or self.row_adapters is not None)
 
     def plan(self, x: torch.Tensor) -> ops.Plan:
         """Which path ``forward(x)`` takes now, and why: ``plan(x).path`` is "fused" or "reference"."""

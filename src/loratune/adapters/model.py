@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..errors import AdapterFileError, ConfigError, LoraTuneError
-from . import files, state
+from . import files, state, variants
 from .batch import BASE, MixedBatch, adapter_factors, mixed_batch
 from .config import LoraConfig
 from .layers import LoraLayer, ModulesToSave, lora_class_for
@@ -102,13 +102,16 @@ class LoraModel(nn.Module):
             tops = sorted({p.rsplit(".", 1)[-1] for p, _ in self.model.named_children()})
             raise ConfigError(f"modules_to_save={missing} matched no module of {type(self.model).__name__}; "
                               f"give module names it has (its top-level modules: {tops})")
+        variant = variants.for_config(cfg)  # DoRA, PiSSA, ... (None: plain LoRA); checked before anything changes
+        variants.check_targets(variant, [(path, module) for path, module, _ in matched])
         for path, module, cls in matched:
             layer = module if isinstance(module, LoraLayer) else cls(module)
             if layer is not module:
                 self.model.set_submodule(path, layer)
             layer.add_adapter(name, r=pattern_value(cfg.rank_pattern, path, cfg.r),
                               lora_alpha=pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha),
-                              dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, init=cfg.init_lora_weights)
+                              dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, init=cfg.init_lora_weights,
+                              variant=variant)
             cfg.fan_in_fan_out = cfg.fan_in_fan_out or getattr(layer, "fan_in_fan_out", False)
         for path, module in to_save:
             wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
@@ -300,11 +303,16 @@ class LoraModel(nn.Module):
             yield
 
     # --- files ---------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter in PEFT's format: "default" in the directory, others in a subdirectory."""
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        convert_to_lora: bool = False) -> None:
+        """Write each adapter in PEFT's format: "default" in the directory, others in a subdirectory.
+        ``convert_to_lora``: a PiSSA/OLoRA adapter is written as plain LoRA of rank 2r that applies to the original
+        base (PEFT's ``path_initial_model_for_weight_conversion``; ``variants.saved_as_lora``)."""
         for name in selected_adapters or list(self.peft_config):
             self._check_names([name])
-            files.save_adapter(self, Path(save_directory) if name == "default" else Path(save_directory) / name, name)
+            with variants.saved_as_lora(self, name) if convert_to_lora else contextlib.nullcontext():
+                files.save_adapter(self, Path(save_directory) if name == "default" else Path(save_directory) / name,
+                                   name)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",

@@ -1,9 +1,10 @@
 """An adapter's tensors under PEFT's state-dict keys, and merging as a pure function of state dicts.
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` (adapter name stripped), A shaped (r, in) and B (out, r);
-embeddings use ``lora_embedding_A``/``lora_embedding_B``; modules_to_save and trained biases appear under their
-plain parameter names. ``merged_state_dict`` adds an adapter's ΔW to a base model's state dict without any model:
-the base that composition, rank tools and export build on.
+embeddings use ``lora_embedding_A``/``lora_embedding_B``; DoRA's magnitude is ``<module path>.lora_magnitude_vector``
+(out,); modules_to_save and trained biases appear under their plain parameter names. ``merged_state_dict`` adds an
+adapter's ΔW to a base model's state dict without any model: the base that composition, rank tools and export build
+on.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from torch import nn
 
 from ..errors import AdapterFileError
 from . import functional as LF
+from . import variants
 from .config import LoraConfig
 from .layers import LoraLayer, ModulesToSave
 from .targets import pattern_value
 
 PREFIX = "base_model.model."
 _FACTORS = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, one per output (PEFT's key)
 
 
 def bias_params(model: nn.Module, mode: str) -> list[nn.Parameter]:
@@ -48,6 +51,8 @@ def adapter_tensors(model: nn.Module, config: LoraConfig, name: str) -> dict[str
             key_a, key_b = module.peft_keys
             out[f"{PREFIX}{path}.{key_a}"] = ad.lora_A
             out[f"{PREFIX}{path}.{key_b}"] = ad.lora_B
+            if getattr(ad, "lora_magnitude_vector", None) is not None:
+                out[f"{PREFIX}{path}{MAGNITUDE}"] = ad.lora_magnitude_vector
         elif isinstance(module, ModulesToSave):
             for copy_name, copy_module in module.copies.items():
                 for pname, p in copy_module.named_parameters():
@@ -106,7 +111,8 @@ def load_adapter_state(model: nn.Module, config: LoraConfig, name: str, found: d
 def module_of(key: str) -> str:
     """The module path inside a PEFT key (``base_model.model.`` and the parameter's own name stripped)."""
     path = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.weight"):
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.weight",
+                   MAGNITUDE):
         if path.endswith(suffix):
             return path[: -len(suffix)]
     return path.rsplit(".", 1)[0]
@@ -117,7 +123,9 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
     """The base model's state dict with the adapter merged in: W + ΔW for every LoRA pair of ``adapter`` (PEFT's
     keys, as ``adapter_model.safetensors`` holds them), and its other tensors (modules_to_save, trained biases)
     taking the place of the base's. ``base`` is a plain model's state dict (``model.state_dict()``); it is not
-    changed. The result equals ``merge_and_unload()``'s state dict for the same adapter."""
+    changed. The result equals ``merge_and_unload()``'s state dict for the same adapter: a DoRA pair (with its
+    ``lora_magnitude_vector``) gives m ⊙ (W + ΔW) / ‖W + ΔW‖, and an adapter whose init split the base (PiSSA, OLoRA,
+    LoftQ: ``config.init_lora_weights``) is merged into the base that init leaves (it is re-derived from W)."""
     out = dict(base)
     factors = []
     for key in adapter:  # plain tensors first (a LoRA layer's base bias, a head's copy), then each ΔW on top
@@ -126,7 +134,7 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
         suffix = next((s for s in _FACTORS if key.endswith(s)), None)
         if suffix is not None:
             factors.append((key, suffix))
-        elif not key.endswith(tuple(_FACTORS.values())) and ".original_module." not in key:
+        elif not key.endswith((*_FACTORS.values(), MAGNITUDE)) and ".original_module." not in key:
             # (a B factor goes with its A; a head's frozen original, which PEFT's bias="all" file holds too, is
             # not what the merged model runs: its trained copy is)
             target = key[len(PREFIX):].replace(".modules_to_save.", ".").replace(".base_layer.", ".")
@@ -146,6 +154,24 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
         alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
         scaling = LF.lora_scaling(alpha, a.shape[0], config.use_rslora)  # the rank is A's (rank_pattern included)
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        if variants.init_kind(config.init_lora_weights) is not None:  # the base that PiSSA/OLoRA/LoftQ left behind
+            if suffix != ".lora_A.weight" or a.dim() != 2:
+                raise AdapterFileError(f"adapter module {module!r}: init_lora_weights={config.init_lora_weights!r} "
+                                       "applies to Linear/Conv1D layers only; the file is not one loratune or PEFT "
+                                       "writes")
+            fifo = config.fan_in_fan_out
+            w2 = w.t() if fifo else w
+            residual = variants.factors_for(config.init_lora_weights, w2, a.shape[0], scaling,
+                                            config.loftq_config.get("loftq_iter", 1))[0]
+            w = (residual.t() if fifo else residual).to(w.dtype)
+        magnitude = adapter.get(PREFIX + module + MAGNITUDE)
+        if magnitude is not None:
+            if suffix != ".lora_A.weight" or a.dim() != 2:
+                raise AdapterFileError(f"adapter module {module!r} has a DoRA magnitude but is not a Linear/Conv1D "
+                                       "LoRA pair; the file is damaged or not from loratune/PEFT")
+            out[weight_key] = variants.merged_weight(w, a64, b64, magnitude, scaling, config.fan_in_fan_out
+                                                     ).to(w.dtype)
+            continue
         if suffix == ".lora_embedding_A":
             delta = LF.embedding_delta_weight(a64, b64, scaling)
         elif a.dim() > 2:
