@@ -130,3 +130,27 @@ def test_extract(saved, tiny_dir, tmp_path, capsys):
     with pytest.raises(LoraTuneError, match="no targeted module differs"):
         run("extract", "--base", tiny_dir, "--tuned", tiny_dir, "--r", "4", "--out", tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def test_through_the_loratune_command(saved, tmp_path, capsys):
+    """The commands are registered in `loratune` itself; bad input is one line on stderr and exit code 2."""
+    from loratune.cli import main
+
+    a, b, adapters, _ = saved
+    out = tmp_path / "via-main"
+    assert main(["combine", "--adapter", str(a), "--adapter", str(b), "--weights", "0.7,0.3", "--method", "ties",
+                 "--density", "0.5", "--out", str(out)]) == 0
+    expect, _ = combine_adapters(adapters, [0.7, 0.3], "ties", density=0.5)
+    assert max_rel(deltas(load_adapter(out)), deltas(expect)) < 1e-6
+    capsys.readouterr()
+    for argv, says in ((["combine", "--adapter", str(a), "--adapter", str(b), "--weights", "1", "--out",
+                         str(tmp_path / "x")], "1 weight(s) for 2 adapter(s)"),
+                       (["combine", "--adapter", str(a), "--adapter", str(b), "--method", "ties", "--density", "0",
+                         "--out", str(tmp_path / "x")], "density must be in (0, 1]"),
+                       (["combine", "--adapter", str(a), "--adapter", str(b), "--svd-rank", "99", "--out",
+                         str(tmp_path / "x")], "svd_rank=99 is more than module"),
+                       (["resize", "--adapter", str(a), "--r", "99", "--out", str(tmp_path / "x")], "rank 99 is more")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
