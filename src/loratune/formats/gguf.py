@@ -261,7 +261,7 @@ def adapter_pairs(adapter_dir: str | Path, info: BaseInfo) -> tuple[float, list[
                               "as --model)")
         r = a.shape[0]
         scale = LF.lora_scaling(pattern_value(cfg.alpha_pattern, module, cfg.lora_alpha), r, cfg.use_rslora)
-        factor = scale * r / alpha
+        factor = scale * r / alpha if alpha else scale  # llama.cpp: alpha 0 means scale 1, not alpha / r
         b64 = b.to(torch.float64)
         if abs(factor - 1.0) > 1e-12:
             b64 = b64 * factor
