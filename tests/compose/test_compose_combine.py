@@ -245,11 +245,10 @@ def test_method_refuses_bad_input_and_leaves_model_unchanged(pair):
             lm.add_weighted_adapter(adapter_name="new", **kwargs)
         assert says in str(e.value) and "\n" not in str(e.value), (kwargs, str(e.value))
         assert "new" not in lm.peft_config
-    # DoRA: LoraConfig cannot load one yet, but a config that says use_dora must never be combined as plain LoRA
-    lm.peft_config["a"] = dataclasses.replace(lm.peft_config["a"])
-    object.__setattr__(lm.peft_config["a"], "use_dora", True)
+    # DoRA (issue 25's variant): its ΔW is not s·B·A, and combining it is not built yet: one line, model unchanged
+    lm.add_adapter("d", LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_dora=True))
     with pytest.raises(LoraTuneError, match="DoRA") as e:
-        lm.add_weighted_adapter(["a", "b"], W, "new", combination_type="cat")
+        lm.add_weighted_adapter(["a", "d"], W, "new", combination_type="cat")
     assert "\n" not in str(e.value) and "new" not in lm.peft_config
 
 
