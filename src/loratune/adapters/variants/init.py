@@ -176,10 +176,10 @@ def saved_as_lora(lora_model: nn.Module, name: str) -> Iterator[None]:
     new_config = converted_config(config)
     swapped = []
     for module in lora_model.model.modules():
-        ad = getattr(module, "adapters", {}).get(name) if isinstance(getattr(module, "adapters", None),
-                                                                       nn.ModuleDict) else None
-        if ad is None:
+        adapters = getattr(module, "adapters", None)
+        if not isinstance(adapters, nn.ModuleDict) or name not in adapters:
             continue
+        ad = adapters[name]
         if getattr(ad, "initial_lora_A", None) is None:
             raise LoraTuneError(f"adapter '{name}' has no initial factors to convert from (it was loaded, not "
                                 "initialized here); convert it in the session that initialized it")

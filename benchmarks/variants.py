@@ -1,0 +1,133 @@
+"""Time of one DoRA training step (forward + backward, no optimizer) against loratune's plain LoRA step and PEFT's
+DoRA step, on the bundled SmolLM2-135M (fp32, CPU by default), all linear layers at r16.
+
+Contestants, on one shared copy of the base weights (``train_step.base_models``), with the same adapter weights for
+the two DoRA models (checked: their gradients are compared on the first batch):
+
+* lora:      loratune's LoRA step (``train_step.loratune_step``: fused LoRA linears, chunked loss);
+* dora:      loratune's DoRA step, the same step with ``use_dora=True``;
+* peft_dora: PEFT's DoRA step (``model(labels=...).loss.backward()``), as ``train_step.py`` times PEFT's LoRA.
+
+The steps are interleaved (the order alternating), repeated, and compared by the median of within-repeat ratios
+(see ``train_step.py``). Targets (issue 25): dora/lora ≤ 1.3, dora/peft_dora ≤ 0.7.
+
+    python benchmarks/variants.py                       # both dropout settings, 7 repeats at 4×128
+    python benchmarks/variants.py --dropouts 0 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step as ts  # noqa: E402  (the house helpers: batches, timing, ratios)
+
+
+def build(dropout: float, args):
+    """(loratune LoRA, loratune DoRA, PEFT DoRA) on shared base weights, the DoRA pair with identical adapters."""
+    import peft
+
+    from loratune import LoraConfig, get_lora_model
+    from loratune.adapters.state import adapter_tensors
+
+    lora_base, dora_base, peft_base = ts.base_models(3, args)
+    cfg = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
+    torch.manual_seed(0)
+    lora = get_lora_model(lora_base, LoraConfig(**cfg, init_lora_weights=False))
+    torch.manual_seed(0)
+    dora = get_lora_model(dora_base, LoraConfig(**cfg, init_lora_weights=False, use_dora=True))
+    pm = peft.get_peft_model(peft_base, peft.LoraConfig(**cfg, use_dora=True, task_type="CAUSAL_LM"))
+    weights = {k: v.detach().clone() for k, v in adapter_tensors(dora.model, dora.peft_config["default"],
+                                                                  "default").items()}
+    result = peft.set_peft_model_state_dict(pm, weights)
+    assert not result.unexpected_keys, result.unexpected_keys
+    for m in (lora, dora, pm):
+        m.train()
+    return lora, dora, pm
+
+
+def same_function(dora, pm, batch) -> float:
+    """The largest relative difference between loratune's and PEFT's DoRA gradients (A, B, m) on ``batch``, in eval
+    mode (no dropout: there the two DoRA forms are one function)."""
+    from loratune.adapters.state import adapter_tensors
+
+    dora.eval(), pm.eval()
+    ts.loratune_step(dora, batch)
+    ts.peft_step(pm, batch)
+    theirs = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    worst = 0.0
+    for key, p in adapter_tensors(dora.model, dora.peft_config["default"], "default").items():
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight").replace(
+            ".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")
+        worst = max(worst, ((p.grad - theirs[name]).norm() / theirs[name].norm()).item())
+    ts.zero_grads(dora), ts.zero_grads(pm)
+    dora.train(), pm.train()
+    return worst
+
+
+def bench(dropout: float, args) -> dict:
+    lora, dora, pm = build(dropout, args)
+    vocab = lora.model.config.vocab_size
+    batch = ts.make_batch(args.batch, args.seq, vocab)
+    grad_rel = same_function(dora, pm, batch)
+    steps = {"lora": (ts.loratune_step, lora), "dora": (ts.loratune_step, dora), "peft_dora": (ts.peft_step, pm)}
+    for step, model in steps.values():  # warm up (kernels, allocator)
+        ts.timed(step, model, batch)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(args.repeats):
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))
+        for name in order:
+            step, model = steps[name]
+            times[name].append(ts.timed(step, model, batch))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {
+        "dropout": dropout, "median_s": med, "times_s": times, "dora_grad_rel_vs_peft": grad_rel,
+        "dora/lora": ts.paired_ratio(times["dora"], times["lora"]),
+        "dora/lora_quartiles": ts.ratio_spread(times["dora"], times["lora"]),
+        "dora/peft_dora": ts.paired_ratio(times["dora"], times["peft_dora"]),
+        "dora/peft_dora_quartiles": ts.ratio_spread(times["dora"], times["peft_dora"]),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.05])
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    full = ts.parse_args([])  # the model, device, dtype train_step would use: bundled SmolLM2-135M, CPU, fp32
+    for k in ("batch", "seq", "repeats", "threads"):
+        setattr(full, k, getattr(args, k))
+    started = time.time()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results = {"batch": args.batch, "seq": args.seq, "repeats": args.repeats, "threads": args.threads,
+               "loadavg_1min_at_start": load, "configs": []}
+    for p in args.dropouts:
+        r = bench(p, full)
+        results["configs"].append(r)
+        print(f"all-linear r16 dropout {p}: lora {r['median_s']['lora']:.3f}s  dora {r['median_s']['dora']:.3f}s  "
+              f"peft_dora {r['median_s']['peft_dora']:.3f}s  |  dora/lora {r['dora/lora']:.3f} "
+              f"[{r['dora/lora_quartiles'][0]:.3f}, {r['dora/lora_quartiles'][1]:.3f}]  dora/peft_dora "
+              f"{r['dora/peft_dora']:.3f} [{r['dora/peft_dora_quartiles'][0]:.3f}, "
+              f"{r['dora/peft_dora_quartiles'][1]:.3f}]  grads vs PEFT {r['dora_grad_rel_vs_peft']:.1e}",
+              flush=True)
+    results["wall_s"] = time.time() - started
+    results["loadavg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
