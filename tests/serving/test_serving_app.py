@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -159,3 +160,63 @@ def test_runtime_load_unload_and_path_attacks(setup, tmp_path):
     assert r.status_code == 200 and "removed successfully" in r.text
     _err(client.post("/v1/unload_lora_adapter", json={"lora_name": "late"}), 404, "lora_name")
     _err(client.post("/v1/completions", json={"model": "late", "prompt": "abc"}), 404, "model")
+
+
+def test_refused_paths_read_nothing(setup, tmp_path, monkeypatch):
+    """A lora_path outside the root (``..``, absolute, a symlink out of it, a symlinked weights file) is refused
+    before any adapter file is opened; only a path inside the root is read."""
+    import os
+
+    from loratune.serving import registry as reg_module
+
+    client, server, root, _ = setup
+    out_dir = tmp_path / "outside-adapter"
+    out_dir.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (out_dir / f).write_bytes((root / "alpha" / f).read_bytes())
+    os.symlink(out_dir, root / "link-out")
+    (root / "half").mkdir()
+    os.symlink(out_dir / "adapter_model.safetensors", root / "half" / "adapter_model.safetensors")
+    (root / "half" / "adapter_config.json").write_text((root / "alpha" / "adapter_config.json").read_text())
+    reads = []
+    real_config, real_tensors = reg_module.read_adapter_config, reg_module.read_adapter_tensors
+    monkeypatch.setattr(reg_module, "read_adapter_config", lambda p: reads.append(p) or real_config(p))
+    monkeypatch.setattr(reg_module, "read_adapter_tensors", lambda p: reads.append(p) or real_tensors(p))
+    try:
+        for path, status in [("../outside-adapter", 400), ("alpha/../../x", 400), (str(out_dir), 403),
+                             ("link-out", 403), ("half", 403), ("/etc/passwd", 403)]:
+            _err(client.post("/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": path}), status,
+                 "lora_path")
+        assert reads == [] and "evil" not in server.registry.paths
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "fine", "lora_path": "alpha"}).status_code == 200
+        assert reads and all(Path(p).resolve().is_relative_to(root.resolve()) for p in reads)
+        client.post("/v1/unload_lora_adapter", json={"lora_name": "fine"})
+    finally:
+        os.unlink(root / "link-out")
+        os.unlink(root / "half" / "adapter_model.safetensors")
+        (root / "half" / "adapter_config.json").unlink()
+        (root / "half").rmdir()
+
+
+def test_unload_while_a_streamed_request_uses_the_adapter(setup):
+    """Unloading an adapter mid-request: the running request finishes with that adapter's answer; new ones get 404."""
+    client, server, root, _ = setup
+    body = {"model": "beta", "prompt": "Tell me a story", "max_tokens": 40, "temperature": 0}
+    want = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    texts, pinned = [], []
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if not texts and "beta" in server.registry.paths:  # the first chunk is out: the request is running
+                pinned.append(server.registry.pins.get("beta", 0))
+                assert client.post("/v1/unload_lora_adapter", json={"lora_name": "beta"}).status_code == 200
+            texts.append(event)
+    assert pinned == [1]  # it was unloaded while the request held its slot
+    assert "error" not in texts[-1] and texts[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert "".join(e["choices"][0]["text"] for e in texts) == want
+    _err(client.post("/v1/completions", json=body), 404, "model")
+    assert "beta" not in server.registry.slots and not server.registry.pins.get("beta")
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": "beta"})  # (as it was)
+    assert r.status_code == 200

@@ -122,3 +122,27 @@ def test_sampling_is_seeded_and_stop_strings_cut(tiny_dir, root):
         assert "".join(c.text) == full[:full.find(stop)]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bound", ["sequences", "tokens"])
+def test_batch_bounds_in_sequences_and_tokens(tiny_dir, root, expected, bound):
+    """No decode step runs more than ``max_batch`` rows (2 here), nor more rows than fit ``max_batch_tokens``
+    (prompt + max_tokens each; a budget of the largest request's need holds one at a time); the answers stay the
+    offline ones."""
+    model, tok = load_base(tiny_dir)
+    jobs = [("alpha", PROMPTS[0]), ("beta", PROMPTS[1]), (None, PROMPTS[2]), ("gamma", PROMPTS[1])]
+    need = [len(tok(p).input_ids) + NEW for _, p in jobs]
+    assert max(need) < 2 * min(need)  # so a budget of max(need) never fits two
+    server = Server(model, tok, "tiny", root=root, max_loras=3, max_batch=2 if bound == "sequences" else 8,
+                    max_batch_tokens=16384 if bound == "sequences" else max(need))
+    rows = []
+    decode = server.scheduler.engine.decode
+    server.scheduler.engine.decode = lambda last, slots: rows.append(len(last)) or decode(last, slots)
+    server.start()
+    try:
+        for (adapter, prompt), (seq, c) in zip(jobs, _run(server, jobs)):
+            assert c.result[0] == "done" and seq.out == expected[adapter, prompt]
+        assert rows and max(rows) == (2 if bound == "sequences" else 1)
+    finally:
+        server.stop()
