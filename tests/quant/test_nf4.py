@@ -157,6 +157,41 @@ def test_kernel_and_torch_paths_agree_bit_for_bit():
             assert torch.equal(part_torch, with_kernel[torch.float32].view(-1)[start:start + 69])
 
 
+def test_quantizing_kernel_and_torch_paths_agree_bit_for_bit():
+    """The compiled quantizer (``native.quantize``) against the torch path: every shape above at several block
+    sizes, bf16 and fp16 inputs, ties on every midpoint, zero blocks, values that tell x/m from x·(1/m) in a short
+    block, and weights longer than one chunk; and both refuse a NaN in any position."""
+    lib = native.LIBRARY.get()
+    if lib is None:
+        pytest.skip("the NF4 kernel could not be built here (no C compiler)")
+    mids = nf4._NF4_BOUNDS
+    block = torch.cat([mids, -mids, torch.tensor([1.0, -1.0]), torch.zeros(64 - 2 * mids.numel() - 2)])
+    cases = [weight(shape, 200 + i, dtype) for i, shape in enumerate(SHAPES.values())
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    cases += [torch.cat([block, torch.zeros(64), block * 3.5, block.flip(0)[:37] * 1e-3]),
+              weight((nf4._QUANT_CHUNK + 3 * 64 + 5,), 7), torch.tensor([0.7300001, 0.2043, -0.5, 0.0, 1e-30])]
+    for i, w in enumerate(cases):
+        for blocksize in (32, 64, 256):
+            with_kernel = quantize_nf4(w, blocksize=blocksize, double_quant=i % 2 == 0)
+            native.LIBRARY.lib = None
+            try:
+                with_torch = quantize_nf4(w, blocksize=blocksize, double_quant=i % 2 == 0)
+            finally:
+                native.LIBRARY.lib = lib
+            for key, t in with_torch.state().items():
+                assert torch.equal(t, with_kernel.state()[key]), (i, tuple(w.shape), blocksize, key)
+    for where in (0, 63, 64, 100):
+        w = weight((101,), 3)
+        w[where] = float("nan")
+        for kernel in (lib, None):
+            native.LIBRARY.lib = kernel
+            try:
+                with pytest.raises(LoraTuneError, match="NaN or infinite"):
+                    quantize_nf4(w)
+            finally:
+                native.LIBRARY.lib = lib
+
+
 def test_storage_is_about_4127_bits_per_weight():
     q = quantize_nf4(weight((1024, 1024), 7))
     assert q.nbytes == 1024 * 1024 // 2 + 1024 * 1024 // 64 + 4 * (1024 * 1024 // 64 // 256) + 4
@@ -179,3 +214,22 @@ def test_bad_input_is_one_line_naming_the_fix(bad, error, words):
         bad()
     message = str(e.value)
     assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_the_top_level_api_is_the_spec():
+    """``loratune.quantize_nf4(weight, blocksize=64, double_quant=True) -> NF4Tensor`` with ``.dequantize(dtype=)``,
+    ``.packed``, ``.absmax`` and its double-quantization state, and ``.nbytes``, as the issue names them."""
+    import loratune
+    from loratune import quant
+
+    assert loratune.quantize_nf4 is quant.quantize_nf4 and loratune.NF4Tensor is NF4Tensor
+    assert loratune.NF4Linear is quant.NF4Linear
+    w = weight((40, 64), 11)
+    q = loratune.quantize_nf4(w, blocksize=64, double_quant=True)
+    packed, state = reference(w, 64, True)
+    assert q.packed.dtype == torch.uint8 and torch.equal(q.packed, packed.view(-1))
+    assert q.absmax.dtype == torch.uint8 and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.absmax2, state.state2.absmax) and torch.equal(q.offset, state.offset)
+    assert q.nbytes == q.packed.nbytes + q.absmax.nbytes + q.absmax2.nbytes + q.offset.nbytes
+    assert torch.equal(q.dequantize(dtype=torch.bfloat16), bnb_reference_dequantize(packed, state, torch.bfloat16))
+    assert q.dequantize().dtype == torch.float32 and q.dequantize().shape == w.shape

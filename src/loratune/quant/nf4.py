@@ -114,7 +114,10 @@ def _check_blocksize(blocksize: int) -> None:
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """``weight`` (fp32, bf16 or fp16, any shape) in NF4, as bitsandbytes' ``quantize_4bit(weight, blocksize=...,
-    compress_statistics=double_quant, quant_type="nf4")`` stores it (see the module doc)."""
+    compress_statistics=double_quant, quant_type="nf4")`` stores it (see the module doc). On CPU the compiled kernel
+    (``native.quantize_into``) does it in one pass, else torch ops; both give the same bits."""
+    from . import native  # (the compiled kernel; imported late: native imports this module)
+
     if not isinstance(weight, torch.Tensor) or weight.dtype not in WEIGHT_DTYPES:
         what = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ConfigError(f"cannot quantize a {what} weight to NF4; give a float32, bfloat16 or float16 tensor")
@@ -124,37 +127,48 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ConfigError("cannot quantize an empty weight to NF4; leave this module out of quantization")
     weight = weight.detach()
     flat = weight.reshape(-1)
-    full = n - n % blocksize
-    step = max(blocksize, _QUANT_CHUNK // blocksize * blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
-    absmaxes = []
-    for start in range(0, full, step):  # chunks of whole blocks: an even start, so whole bytes
-        stop = min(start + step, full)
-        chunk = flat[start:stop].float()
-        if not torch.isfinite(chunk).all():
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    # the kernel on an fp32 weight makes no temporaries: one pass; else chunks bound the fp32 temporaries
+    whole = (flat.dtype == torch.float32 and flat.is_contiguous() and flat.device.type == "cpu"
+             and native.LIBRARY.get() is not None)
+    step = n if whole else max(blocksize, _QUANT_CHUNK // blocksize * blocksize)
+    for start in range(0, n, step):  # chunks of whole blocks (the last may end in a short one): whole bytes
+        stop = min(start + step, n)
+        chunk = flat[start:stop].float().contiguous()
+        out, scales = packed[start // 2:(stop + 1) // 2], absmax[start // blocksize:-(-stop // blocksize)]
+        finite = native.quantize_into(chunk, _NF4_BOUNDS, blocksize, out, scales)
+        if finite is None:  # the torch path
+            codes, found = _quantize_chunk(chunk, blocksize)
+            out.copy_(codes)
+            scales.copy_(found)
+            finite = bool(torch.isfinite(found).all())  # (a NaN or an infinity makes its block's absmax so)
+        if not finite:
             raise LoraTuneError(f"the weight (shape {tuple(weight.shape)}) holds NaN or infinite values, which NF4 "
                                 "cannot store; the base model is damaged (load a clean copy)")
-        codes, absmax = _quantize_full_blocks(chunk, blocksize)
-        absmaxes.append(absmax)
-        packed[start // 2:stop // 2] = ((codes[::2] << 4) | codes[1::2]).to(torch.uint8)
-    if full < n:  # the short last block: scaled by its own absmax, divided (bitsandbytes' tail)
-        tail = flat[full:].float()
-        if not torch.isfinite(tail).all():
-            raise LoraTuneError(f"the weight (shape {tuple(weight.shape)}) holds NaN or infinite values, which NF4 "
-                                "cannot store; the base model is damaged (load a clean copy)")
-        am = tail.abs().max().clamp(min=1e-38)
-        scaled = torch.clamp(tail / am, -1, 1)
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble: code 7 (0.0)
-        codes = torch.bucketize(scaled, _NF4_BOUNDS.to(flat.device), out_int32=True)
-        packed[full // 2:] = ((codes[::2] << 4) | codes[1::2]).to(torch.uint8)
-        absmaxes.append(am.reshape(1))
-    absmax = torch.cat(absmaxes)
     if not double_quant:
         return NF4Tensor(packed, absmax, None, None, weight.shape, weight.dtype, blocksize)
     offset = absmax.mean()
     codes8, absmax2 = _code8(absmax - offset)
     return NF4Tensor(packed, codes8, absmax2, offset, weight.shape, weight.dtype, blocksize)
+
+
+def _quantize_chunk(chunk: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, absmax per block) of a flat fp32 chunk starting at a block, in torch ops; its absmax is NaN
+    or infinite where a block holds such a value."""
+    n = chunk.numel()
+    full = n - n % blocksize
+    codes, absmax = _quantize_full_blocks(chunk[:full], blocksize) if full else (chunk.new_empty(0, dtype=torch.int32),
+                                                                                chunk.new_empty(0))
+    if full < n:  # the short last block: scaled by its own absmax, divided (bitsandbytes' tail)
+        tail = chunk[full:]
+        am = tail.abs().max().clamp(min=1e-38)
+        scaled = torch.clamp(tail / am, -1, 1)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble: code 7 (0.0)
+        codes = torch.cat((codes, torch.bucketize(scaled, _NF4_BOUNDS.to(chunk.device), out_int32=True)))
+        absmax = torch.cat((absmax, am.reshape(1)))
+    return ((codes[::2] << 4) | codes[1::2]).to(torch.uint8), absmax
 
 
 class NF4Tensor:

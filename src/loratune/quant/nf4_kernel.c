@@ -82,3 +82,61 @@ void lt_nf4_dequant_bf16(const uint8_t *packed, const float *scales, uint16_t *o
         for (int64_t i = 0; i < len; i++) out[start + i] = bf16_rne(tmp[i]);
     }
 }
+
+/* NF4 quantization on CPU, bit for bit nf4.py's torch path (bitsandbytes' rounding): n fp32 values in blocks of
+ * blocksize, the last block possibly short. Per full block: m = max|x|, inv = 1/max(m, 1e-38) (fp32 division),
+ * t = clamp(x * inv, -1, 1), absmax = m. A short last block: m = max(max|x|, 1e-38), t = clamp(x / m, -1, 1),
+ * absmax = m. The code of t is the number of bounds (the 15 midpoints between NF4 values, from the caller) below
+ * it, so a value on a bound takes the lower code; codes are packed two per byte, the first in the high nibble, an
+ * odd count padded with code 7. Returns 1 if a value is NaN or infinite (the outputs are then meaningless), else 0.
+ */
+/* The scaled values t[0..len) of one block to codes: the number of bounds below each (vectorized over the values). */
+static void nf4_codes(const float *t, const float *bounds, uint8_t *codes, int64_t len) {
+    for (int64_t i = 0; i < len; i++) codes[i] = 0;
+    for (int k = 0; k < 15; k++) {
+        const float bk = bounds[k];
+        for (int64_t i = 0; i < len; i++) codes[i] += bk < t[i];
+    }
+}
+
+int lt_nf4_quant_f32(const float *x, const float *bounds, uint8_t *packed, float *absmax, int64_t n,
+                     int64_t blocksize, int threads) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    int bad = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
+    for (int64_t b = 0; b < nblocks; b++) {
+        float t[4096 + 1];  /* the largest block size, and a pad value */
+        uint8_t c[4096 + 1];
+        const int64_t start = b * blocksize, len = (n - start < blocksize) ? n - start : blocksize;
+        const float *v = x + start;
+        float m = 0.0f;
+        int nonfinite = 0;
+        for (int64_t i = 0; i < len; i++) {
+            const float a = v[i] < 0 ? -v[i] : v[i];
+            nonfinite |= !(a <= 3.4028234663852886e38f);  /* NaN or infinite */
+            m = a > m ? a : m;
+        }
+        bad |= nonfinite;
+        if (len == blocksize) {
+            const float inv = 1.0f / (m < 1e-38f ? 1e-38f : m);
+            absmax[b] = m;
+            for (int64_t i = 0; i < len; i++) {
+                const float s = v[i] * inv;
+                t[i] = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
+            }
+        } else {
+            const float mm = m < 1e-38f ? 1e-38f : m;
+            absmax[b] = mm;
+            for (int64_t i = 0; i < len; i++) {
+                const float s = v[i] / mm;
+                t[i] = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
+            }
+            t[len] = 0.0f;  /* an odd count's pad nibble: code 7, the value 0 */
+        }
+        const int64_t even = len + (len & 1);
+        nf4_codes(t, bounds, c, even);
+        uint8_t *out = packed + start / 2;
+        for (int64_t i = 0; i < even; i += 2) out[i / 2] = (uint8_t)((c[i] << 4) | c[i + 1]);
+    }
+    return bad;
+}
