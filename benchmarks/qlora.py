@@ -23,7 +23,20 @@ On the bundled SmolLM2-135M, in one process:
 
 Also, as a check that the two QLoRA stacks compute the same function: the loss of lt_nf4 and peft_bnb without dropout.
 
+* loading (``--loading``): ``load_base_model(name)`` against ``load_base_model(name, quantize="nf4")``, each in a
+  fresh process: seconds, and the peak of the process's private (anonymous) resident memory while loading, sampled
+  every 2 ms, against the loaded model's tensor bytes and the largest linear's fp32 bytes. (The total resident set
+  also counts the safetensors file's pages that the readers map; those are page cache, given back under pressure,
+  and reported apart.)
+* the quickstart through the real command line (``--quickstart-cli N``): ``python -m loratune quickstart`` and
+  ``python -m loratune quickstart model.quantize=nf4``, N pairs in alternating order, each a fresh process: held-out
+  exact match after training, the training seconds and the total seconds.
+* on a GPU (``--device cuda``, ``--dtype bfloat16`` for bf16 compute): the step timings and peak memory (torch's
+  allocated memory) of the same contestants, bitsandbytes on its CUDA kernels; storage and loading stay CPU figures.
+
     python benchmarks/qlora.py --repeats 7 --json qlora.json
+    python benchmarks/qlora.py --no-steps --loading --quickstart-cli 1
+    python benchmarks/qlora.py --device cuda --dtype bfloat16 --repeats 7 --json qlora_gpu.json
 """
 
 from __future__ import annotations
@@ -32,8 +45,12 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 from torch import nn
@@ -55,16 +72,18 @@ def tensor_bytes(module: nn.Module) -> int:
 
 def bnb_linear(layer):
     """A bitsandbytes NF4 ``Linear4bit`` on the same 4-bit tensors as loratune's ``NF4Linear`` ``layer`` (shared,
-    not copied), fp32 compute, and its fp32 products (not its bf16 inference kernel)."""
+    not copied), in the layer's compute dtype, and on CPU its fp32 products (not its bf16 inference kernel)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState, create_dynamic_map, get_4bit_type
 
-    state2 = QuantState(absmax=layer.absmax2, code=create_dynamic_map(), blocksize=256, dtype=torch.float32)
+    device, dtype = layer.packed.device, layer.compute_dtype
+    state2 = QuantState(absmax=layer.absmax2, code=create_dynamic_map().to(device), blocksize=256,
+                        dtype=torch.float32)
     state = QuantState(absmax=layer.absmax, shape=torch.Size((layer.out_features, layer.in_features)),
-                       code=get_4bit_type("nf4", device="cpu"), blocksize=layer.blocksize, quant_type="nf4",
-                       dtype=torch.float32, offset=layer.offset, state2=state2)
+                       code=get_4bit_type("nf4", device=device), blocksize=layer.blocksize, quant_type="nf4",
+                       dtype=dtype, offset=layer.offset, state2=state2)
     q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4", device="meta")
+                          compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
     q.weight = bnb.nn.Params4bit(layer.packed.view(-1, 1), requires_grad=False, quant_state=state,
                                  blocksize=layer.blocksize, compress_statistics=True, quant_type="nf4",
                                  bnb_quantized=True, module=q)
@@ -82,7 +101,7 @@ def build(args):
     from loratune.quant import NF4Linear, quantize_model
 
     floor, fp32_base, nf4_base, bnb_base = ts.base_models(4, args)
-    quantize_model(nf4_base)
+    quantize_model(nf4_base, compute_dtype=ts.DTYPES[args.dtype])  # (on the model's device: torch ops off CPU)
     for name, m in list(nf4_base.named_modules()):
         if isinstance(m, NF4Linear):
             bnb_base.set_submodule(name, bnb_linear(m))
@@ -141,6 +160,7 @@ def storage(args) -> dict:
     """Bits per weight, bytes fp32 vs NF4, resident memory, and the peak while quantizing (fresh fp32 model)."""
     from loratune.quant import NF4Linear, default_skip_modules, quantize_model
 
+    args = argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": "float32"})  # CPU figures, always
     ts.exact_rss_accounting()
     gc.collect()
     ts._libc.malloc_trim(0)
@@ -217,23 +237,119 @@ def quality(args) -> dict:
     return out
 
 
+LOAD_SNIPPET = """
+import json, sys, threading, time
+import torch
+from loratune import load_base_model
+from loratune.quant import NF4Linear
+import accelerate, safetensors, transformers  # (imports are not the loading)
+torch.set_num_threads({threads})
+
+def kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+peak, done = [kb("RssAnon")], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], kb("RssAnon"))
+        time.sleep(0.002)
+anon0, rss0 = kb("RssAnon"), kb("VmRSS")
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+start = time.perf_counter()
+model, _ = load_base_model({model!r}, **{kwargs!r})
+seconds = time.perf_counter() - start
+done.append(1)
+t.join()
+peak[0] = max(peak[0], kb("RssAnon"))
+seen, nbytes = set(), 0
+for x in [*model.parameters(), *model.buffers()]:
+    if id(x) not in seen:
+        seen.add(id(x))
+        nbytes += x.numel() * x.element_size()
+largest = max(4 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+print(json.dumps({{"seconds": seconds, "peak_private_growth_mib": (peak[0] - anon0) / 1024,
+                  "private_after_mib": (kb("RssAnon") - anon0) / 1024,
+                  "peak_total_rss_growth_mib": (kb("VmHWM") - rss0) / 1024,
+                  "model_tensor_mib": nbytes / 2**20, "largest_linear_fp32_mib": largest / 2**20,
+                  "nf4_linears": sum(isinstance(m, NF4Linear) for m in model.modules())}}))
+"""
+
+
+def loading(args) -> dict:
+    """fp32 and NF4 loading of the model, each in a fresh process (see the module doc), in alternating order over
+    --load-repeats pairs; the medians."""
+    runs: dict[str, list[dict]] = {"fp32": [], "nf4": []}
+    for i in range(args.load_repeats):
+        for name in ("fp32", "nf4") if i % 2 == 0 else ("nf4", "fp32"):
+            code = LOAD_SNIPPET.format(threads=args.threads, model=args.model,
+                                       kwargs={"quantize": "nf4"} if name == "nf4" else {})
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    out["runs"] = runs
+    for name in ("fp32", "nf4"):
+        r = out[name]
+        print(f"loading {name}: {r['seconds']:.1f} s; private memory peak +{r['peak_private_growth_mib']:.0f} MiB, "
+              f"after +{r['private_after_mib']:.0f} MiB (model tensors {r['model_tensor_mib']:.0f} MiB, largest "
+              f"linear in fp32 {r['largest_linear_fp32_mib']:.1f} MiB); total resident peak "
+              f"+{r['peak_total_rss_growth_mib']:.0f} MiB (with the mapped file's pages)", flush=True)
+    return out
+
+
+def quickstart_cli(args) -> dict:
+    """``python -m loratune quickstart`` with and without ``model.quantize=nf4``, --quickstart-cli pairs in
+    alternating order, each a fresh process: held-out exact match after training, training and total seconds."""
+    runs: dict[str, list[dict]] = {"fp32": [], "nf4": []}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.quickstart_cli):
+            for name in ("fp32", "nf4") if i % 2 == 0 else ("nf4", "fp32"):
+                out = os.path.join(tmp, f"{name}{i}")
+                cmd = [sys.executable, "-m", "loratune", "quickstart", *(["model.quantize=nf4"] if name == "nf4"
+                                                                         else []), "--out", out, "--no-progress"]
+                start = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                wall = time.perf_counter() - start
+                if done.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+                text = done.stdout
+                em = float(re.search(r"with LoRA\s+([\d.]+)%", text).group(1))
+                train_s = float(re.search(r"steps \d+ · (\d+) s ·", text).group(1))
+                total = float(re.search(r"total time:\s+(\d+) s", text).group(1))
+                runs[name].append({"exact_match": em, "train_seconds": train_s, "total_seconds": total,
+                                   "process_seconds": wall})
+                print(f"quickstart CLI {name}: held-out exact match {em:.1f} %, training {train_s:.0f} s, total "
+                      f"{total:.0f} s ({wall:.0f} s with start-up)", flush=True)
+    out = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    out["runs"] = runs
+    out["nf4_over_fp32_total"] = out["nf4"]["total_seconds"] / out["fp32"]["total_seconds"]
+    out["nf4_over_fp32_train"] = out["nf4"]["train_seconds"] / out["fp32"]["train_seconds"]
+    print(f"quickstart CLI: exact match nf4 {out['nf4']['exact_match']:.1f} % vs fp32 {out['fp32']['exact_match']:.1f} "
+          f"%; time nf4/fp32: training {out['nf4_over_fp32_train']:.2f}x, total {out['nf4_over_fp32_total']:.2f}x",
+          flush=True)
+    return out
+
+
 def bench_steps(args) -> dict:
     """The step timings at the small batch and the peak step memory at the large one (see the module doc)."""
     floor, lt_fp32, lt_nf4, pm = build(args)
-    small = ts.make_batch(args.batch, args.seq, floor.config.vocab_size)
+    small = ts.make_batch(args.batch, args.seq, floor.config.vocab_size, device=args.device)
     loss_diff = same_function(lt_nf4, pm, small)
     steps = {"floor": (ts.floor_step, floor), "lt_fp32": (ts.loratune_step, lt_fp32),
              "lt_nf4": (ts.loratune_step, lt_nf4), "lt_nf4_general": (general_path(ts.loratune_step), lt_nf4),
              "peft_bnb": (ts.peft_step, pm)}
     for step, model in steps.values():  # warm-up (and the kernels' first build)
-        ts.timed(step, model, small)
+        ts.timed(step, model, small, args.device, args.inner)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for i in range(args.repeats):
         for k in list(steps) if i % 2 == 0 else list(reversed(steps)):
-            times[k].append(ts.timed(*steps[k], small))
+            times[k].append(ts.timed(*steps[k], small, args.device, args.inner))
     pairs = [("lt_nf4", "lt_fp32"), ("lt_nf4", "peft_bnb"), ("lt_nf4", "floor"), ("lt_fp32", "floor"),
              ("peft_bnb", "floor"), ("lt_nf4", "lt_nf4_general"), ("lt_nf4_general", "peft_bnb")]
     result = {"config": CONFIG, "tokens": f"{args.batch}x{args.seq}", "repeats": args.repeats,
+              "device": str(args.device), "dtype": args.dtype,
               "loss_diff_lt_nf4_vs_peft_bnb": loss_diff,
               "median_s": {k: statistics.median(v) for k, v in times.items()}, "all_s": times,
               "ratios": {f"{a}/{b}": ts.paired_ratio(times[a], times[b]) for a, b in pairs},
@@ -246,7 +362,7 @@ def bench_steps(args) -> dict:
     print(f"  loss lt_nf4 vs peft_bnb without dropout: |diff| {loss_diff:.1e}", flush=True)
     if args.mem_batch:
         ts.exact_rss_accounting()
-        big = ts.make_batch(args.mem_batch, args.mem_seq, floor.config.vocab_size)
+        big = ts.make_batch(args.mem_batch, args.mem_seq, floor.config.vocab_size, device=args.device)
         result["memory_tokens"] = f"{args.mem_batch}x{args.mem_seq}"
         result["peak_step_mib"] = {k: ts.peak_step_memory_mb(step, model, big) for k, (step, model) in steps.items()}
         print(f"peak step memory (MiB) at {result['memory_tokens']}: "
@@ -260,14 +376,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ts.add_step_args(ap)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the step timings on a GPU")
+    ap.add_argument("--dtype", choices=list(ts.DTYPES), default="float32",
+                    help="the models' dtype and the NF4 compute dtype (float32 or bfloat16)")
+    ap.add_argument("--inner", type=int, default=None, help="steps per timing (default: 1 on CPU, 10 on a GPU)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--quality", action="store_true",
-                    help="also train the quickstart task on fp32 and on NF4 (about 2 x 3 minutes on 2 cores)")
+                    help="also train the quickstart task on fp32 and on NF4 in this process (about 2 x 3 minutes)")
+    ap.add_argument("--quickstart-cli", type=int, default=0, metavar="N",
+                    help="also run `python -m loratune quickstart` with and without model.quantize=nf4, N pairs")
+    ap.add_argument("--loading", action="store_true", help="also measure fp32 and NF4 loading in fresh processes")
+    ap.add_argument("--load-repeats", type=int, default=1, metavar="N", help="pairs of loading runs (medians)")
     ap.add_argument("--no-steps", dest="steps", action="store_false", help="skip the step timings and memory")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
-    args.device, args.dtype, args.random_weights, args.inner = "cpu", "float32", False, 1
+    if args.dtype == "float16":
+        ap.error("--dtype float16: NF4 computes in float32 or bfloat16")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a device name (use cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    if args.inner is None:
+        args.inner = 1 if device.type == "cpu" else 10
+    args.random_weights = False
     torch.set_num_threads(args.threads)
 
     result = bench_steps(args) if args.steps else {}
@@ -280,12 +414,16 @@ def main(argv=None) -> int:
           f"loading fp32, {s['rss_mib_after_quantizing']:.0f} MiB after quantizing; peak growth while quantizing "
           f"{s['quantize_peak_growth_mib']:.1f} MiB (largest linear in fp32: {s['largest_linear_fp32_mib']:.1f} MiB)",
           flush=True)
+    if args.loading:
+        result["loading"] = loading(args)
     if args.quality:
         result["quality"] = quality(args)
+    if args.quickstart_cli:
+        result["quickstart_cli"] = quickstart_cli(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": args.threads, "model": args.model, **result}, f,
-                      indent=2)
+            json.dump({"torch": torch.__version__, "threads": args.threads, "model": args.model,
+                       "load_average_at_end": os.getloadavg(), **result}, f, indent=2)
     return 0
 
 

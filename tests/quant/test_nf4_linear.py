@@ -14,7 +14,7 @@ from torch import nn
 from loratune import LoraConfig, get_lora_model
 from loratune.adapters.layers import LinearLora
 from loratune.ops import causal_lm_loss
-from loratune.quant import NF4Linear, NF4Tensor, dequantize_model, linear, native, quantize_model
+from loratune.quant import NF4Linear, NF4Tensor, dequantize_model, linear, native, quantize_model, quantize_nf4
 
 from conftest import LLAMA_TARGETS, ids, rel_err, tiny_llama
 
@@ -223,3 +223,75 @@ def test_general_path_matches_the_fused_one():
             assert next(m for _, m in qlora.lora_layers()).plan(torch.randn(3, 64)).path == "reference"
             general = qlora(input_ids=x).logits
     assert rel_err(general, fused) < 1e-5
+
+
+def _qlora(compute=torch.float32, device="cpu"):
+    """A QLoRA tiny Llama (NF4 base in ``compute``) with fixed non-trivial adapters, on ``device``."""
+    q = quantize_model(tiny_llama().to(device), compute_dtype=compute)
+    torch.manual_seed(1)
+    return get_lora_model(q, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False))
+
+
+def _step(model, x):
+    loss = causal_lm_loss(model.train(), x, torch.ones_like(x), x)
+    loss.backward()
+    return loss.detach().double().cpu(), {n: p.grad.double().cpu() for n, p in model.named_parameters()
+                                          if p.grad is not None}
+
+
+def test_qlora_training_with_bf16_compute_matches_fp32_compute():
+    """compute_dtype=bfloat16 on CPU, with fp32 activations and with the whole model cast to bf16: the loss and the
+    adapters' gradients stay within bf16's rounding of the fp32-compute QLoRA step, and only adapters get them."""
+    x = ids(2, 12)
+    want_loss, want = _step(_qlora(), x)
+    assert set(want) and all(".lora_" in n for n in want)
+    for cast in (False, True):
+        model = _qlora(torch.bfloat16)
+        if cast:
+            model.to(torch.bfloat16)
+            assert all(m.compute_dtype == torch.bfloat16 and m.absmax2.dtype == torch.float32
+                       for m in model.modules() if isinstance(m, NF4Linear))
+        loss, grads = _step(model, x)
+        assert set(grads) == set(want), sorted(set(grads) ^ set(want))[:3]
+        assert abs(loss - want_loss) < 2e-2 * want_loss, (cast, loss, want_loss)
+        assert all(rel_err(grads[n], want[n]) < (0.1 if cast else 5e-2) for n in want), cast
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_quantization_is_the_cpu_quantization_bit_for_bit():
+    for shape in ((256, 192), (33, 17), (1536, 576)):
+        w = fresh(*shape, seed=21) * 0.02
+        on_cpu, on_gpu = quantize_nf4(w), quantize_nf4(w.cuda())
+        for key, t in on_cpu.state().items():
+            assert torch.equal(on_gpu.state()[key].cpu(), t), (shape, key)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(on_gpu.dequantize(dtype).cpu(), on_cpu.dequantize(dtype)), (shape, dtype)
+
+
+@cuda
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_qlora_step_matches_cpu(compute):
+    x = ids(2, 12)
+    cpu_loss, cpu_grads = _step(_qlora(compute), x)
+    gpu_loss, gpu_grads = _step(_qlora(compute, "cuda"), x.cuda())
+    tol = 1e-4 if compute == torch.float32 else 3e-2
+    assert set(gpu_grads) == set(cpu_grads) and abs(gpu_loss - cpu_loss) < tol * cpu_loss
+    assert all(rel_err(gpu_grads[n], cpu_grads[n]) < 10 * tol for n in cpu_grads)
+
+
+@cuda
+def test_cuda_nf4_linear_agrees_with_bitsandbytes_linear4bit_on_cuda():
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = make_linear(256, 128, seed=22).cuda()
+    ours = NF4Linear.from_linear(lin)
+    theirs = bnb.nn.Linear4bit(256, 128, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    theirs.load_state_dict(lin.state_dict())
+    theirs = theirs.cuda()  # bitsandbytes quantizes on the GPU here
+    same = (theirs.weight.data.view(-1) == ours.packed).double().mean().item()
+    assert same > 0.999, same  # the 4-bit codes (not checked on a GPU yet; its 8-bit scale codes may differ by one)
+    x = fresh(8, 256, seed=23).cuda()
+    with torch.no_grad():
+        assert rel_err(theirs(x), ours(x)) < 1e-3
