@@ -244,3 +244,18 @@ def test_config_fields_validate_and_round_trip():
     cfg = LoraConfig(target_modules=["q"], use_dora=True)
     d = cfg.to_dict()
     assert d["use_dora"] is True and LoraConfig.from_dict(d).use_dora is True
+
+
+def test_half_precision_base_keeps_fp32_adapters_and_matches_the_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).to(torch.bfloat16)
+    lm = get_lora_model(Net(base), LoraConfig(r=4, target_modules=["f"], use_dora=True))
+    randomize(lm)
+    ad = lm.model.f.adapters["default"]
+    assert ad.lora_magnitude_vector.dtype == torch.float32
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    out = lm(x)
+    assert out.dtype == torch.bfloat16
+    want = dora_reference(x.double(), base.weight.double(), base.bias.double(), ad.lora_A.double(),
+                          ad.lora_B.double(), ad.lora_magnitude_vector.double(), ad.scaling)
+    assert rel_err(out, want) < 2e-2

@@ -8,8 +8,9 @@ unchanged at step 0 (LoftQ: up to its quantization error):
   drawn from a fixed seed so that the same base gives the same split again (loading re-runs it);
 * ``olora`` (Büyükakyüz 2024): W = QR, B = Q[:, :r], A = R[:r], base W − s·B·A (PEFT's definition: unscaled);
 * ``loftq`` (Li et al. 2023): alternately Q = NF4(W − s·B·A) (``loratune.quant.quantize_nf4``) and A, B from the
-  rank-r SVD of W − Q scaled by 1/s, ``loftq_iter`` times; the base becomes Q (its dequantized values, which
-  ``quant.quantize_model`` stores again unchanged). PEFT leaves s out (Q + L·R ≈ W, so its model starts at
+  rank-r SVD of W − Q scaled by 1/s, ``loftq_iter`` times; the base becomes Q (its dequantized values: storing them
+  in NF4 again, ``quant.quantize_model``, changes nothing without double quantization and about 2e-6 relative with
+  it, the scales' 8-bit code). PEFT leaves s out (Q + L·R ≈ W, so its model starts at
   Q + s·L·R); here Q + s·B·A ≈ W, the paper's objective, for any lora_alpha.
 
 The factors at init stay on the adapter (``initial_lora_A``/``initial_lora_B``, buffers left out of state dicts)
@@ -36,7 +37,7 @@ from ..config import LoraConfig
 MUTATING = ("pissa", "olora", "loftq")  # init_lora_weights values (and pissa_niter_K) that change the base
 CONVERTIBLE = ("pissa", "olora")
 NITER_SEED = 0  # the seed of pissa_niter_K's random subspace (a fixed one: loading must re-derive the same split)
-NF4_BLOCKSIZE = 64  # loratune.quant's defaults, so that quantize_model stores LoftQ's base again unchanged
+NF4_BLOCKSIZE = 64  # loratune.quant's default block size, so that quantize_model stores LoftQ's base again
 
 
 def init_kind(init: bool | str) -> str | None:
