@@ -268,7 +268,9 @@ for x in [*model.parameters(), *model.buffers()]:
     if id(x) not in seen:
         seen.add(id(x))
         nbytes += x.numel() * x.element_size()
-largest = max(4 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+head = model.get_output_embeddings()  # (left in full precision: the largest linear that gets quantized counts)
+largest = max(4 * m.in_features * m.out_features for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and m is not head)
 print(json.dumps({{"seconds": seconds, "peak_private_growth_mib": (peak[0] - anon0) / 1024,
                   "private_after_mib": (kb("RssAnon") - anon0) / 1024,
                   "peak_total_rss_growth_mib": (kb("VmHWM") - rss0) / 1024,
@@ -293,7 +295,7 @@ def loading(args) -> dict:
         r = out[name]
         print(f"loading {name}: {r['seconds']:.1f} s; private memory peak +{r['peak_private_growth_mib']:.0f} MiB, "
               f"after +{r['private_after_mib']:.0f} MiB (model tensors {r['model_tensor_mib']:.0f} MiB, largest "
-              f"linear in fp32 {r['largest_linear_fp32_mib']:.1f} MiB); total resident peak "
+              f"quantizable linear in fp32 {r['largest_linear_fp32_mib']:.1f} MiB); total resident peak "
               f"+{r['peak_total_rss_growth_mib']:.0f} MiB (with the mapped file's pages)", flush=True)
     return out
 
