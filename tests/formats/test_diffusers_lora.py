@@ -72,6 +72,15 @@ def args():
     return inputs()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and many times faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_unet_lora_loads_in_diffusers_pipeline_with_the_same_outputs(tmp_path, args):
     """Attention, ResNet convs, a stride-2 downsampler and conv_in, with a rank and an alpha pattern and rsLoRA:
     pipe.load_lora_weights reads the file and its UNet gives loratune's outputs."""
