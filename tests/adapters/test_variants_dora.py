@@ -259,3 +259,27 @@ def test_half_precision_base_keeps_fp32_adapters_and_matches_the_formula():
     want = dora_reference(x.double(), base.weight.double(), base.bias.double(), ad.lora_A.double(),
                           ad.lora_B.double(), ad.lora_magnitude_vector.double(), ad.scaling)
     assert rel_err(out, want) < 2e-2
+
+
+def test_the_norm_follows_every_change_of_the_factors():
+    """The cached norm is keyed on tensor versions: an optimizer step, a load or a merge elsewhere changes it."""
+    torch.manual_seed(0)
+    lm = get_lora_model(Net(nn.Linear(8, 6).double()), LoraConfig(r=2, target_modules=["f"], use_dora=True,
+                                                                  init_lora_weights=False))
+    layer, x = lm.model.f, torch.randn(3, 8, dtype=torch.float64)
+    ad = layer.adapters["default"]
+
+    def ref():
+        return dora_reference(x, layer.weight, layer.base_layer.bias, ad.lora_A, ad.lora_B,
+                              ad.lora_magnitude_vector, ad.scaling)
+
+    assert rel_err(lm(x), ref()) < 1e-12
+    opt = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        lm(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert rel_err(lm(x), ref()) < 1e-12
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # the base changed in place (e.g. another adapter merged)
+    assert rel_err(lm(x), ref()) < 1e-12

@@ -69,17 +69,25 @@ class Dora(Variant):
         ad.lora_magnitude_vector = nn.Parameter(m.to(ad.lora_A.dtype))
 
     def scale(self, layer: nn.Module, name: str) -> torch.Tensor:
-        """g = m / ‖W0 + s·B·A‖ (out,): differentiable in m, the norm a constant."""
+        """g = m / ‖W0 + s·B·A‖ (out,): differentiable in m, the norm a constant.
+
+        ‖W0‖² is kept while W0 is unchanged, and the norm while W0, A and B are (tensor versions: an optimizer step
+        or a load changes them in place and so invalidates it), so generating token by token does not recompute it."""
         ad = layer.adapters[name]
-        w = _weight(layer)
-        key = (w.data_ptr(), w._version, w.dtype, ad.lora_A.dtype)
+        w, A, B = _weight(layer), ad.lora_A, ad.lora_B
+        key = (w.data_ptr(), w._version, w.dtype, A.dtype)
         cached = ad.__dict__.get("_dora_weight_sq")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                wf = w.to(ad.lora_A.dtype)
+                wf = w.to(A.dtype)
                 cached = (key, (wf * wf).sum(1))
             ad.__dict__["_dora_weight_sq"] = cached
-        return ad.lora_magnitude_vector / row_norms(w, ad.lora_A, ad.lora_B, ad.scaling, cached[1])
+        norm_key = (*key, A.data_ptr(), A._version, B.data_ptr(), B._version, ad.scaling)
+        norm = ad.__dict__.get("_dora_norm")
+        if norm is None or norm[0] != norm_key:
+            norm = (norm_key, row_norms(w, A, B, ad.scaling, cached[1]))
+            ad.__dict__["_dora_norm"] = norm
+        return ad.lora_magnitude_vector / norm[1]
 
     def forward(self, layer, name, x, result):
         ad = layer.adapters[name]
