@@ -226,3 +226,17 @@ def test_a_file_for_another_unet_leaves_the_model_unchanged(tmp_path, args):
     assert "needs" in _one_line(e)
     assert other.state_dict().keys() == before.keys()
     assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("change", [{"use_dora": True}, {"init_lora_weights": "pissa"}])
+def test_adapters_a_diffusers_file_cannot_carry_are_refused(tmp_path, change):
+    """DoRA magnitudes are not written, and PiSSA-style inits change the base itself: refused, nothing written.
+    (The config is swapped after injection so that the check is tested apart from those variants' own code.)"""
+    import dataclasses
+
+    lm = get_lora_model(tiny_unet(), LoraConfig(r=2, target_modules=["to_q"]))
+    lm.peft_config["default"] = dataclasses.replace(lm.peft_config["default"], **change)
+    with pytest.raises(LoraTuneError) as e:
+        fd.save_diffusers_lora(lm, tmp_path)
+    assert "plain LoRA" in _one_line(e)
+    assert not (tmp_path / fd.WEIGHT_NAME).exists()

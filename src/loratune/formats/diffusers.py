@@ -58,6 +58,13 @@ def _check_exportable(lora_model: LoraModel, adapter_name: str) -> LoraConfig:
                             f"{cfg.modules_to_save}, bias={cfg.bias!r}); diffusers' LoRA files hold only lora_A/lora_B "
                             "tensors: train it with modules_to_save=None and bias='none', or save it with "
                             "save_pretrained() instead")
+    init = cfg.init_lora_weights
+    if getattr(cfg, "use_dora", False) or (isinstance(init, str) and init != "gaussian"):
+        # DoRA's magnitudes are not written here; PiSSA/OLoRA/LoftQ inits change the base weights themselves, so
+        # A and B alone would not reproduce the model on diffusers' unchanged base.
+        raise LoraTuneError(f"adapter {adapter_name!r} uses {'DoRA' if getattr(cfg, 'use_dora', False) else init}, "
+                            "which a diffusers LoRA file cannot carry on an unchanged base; train a plain LoRA "
+                            "(use_dora=False, init_lora_weights=True or 'gaussian') for diffusers")
     return cfg
 
 
