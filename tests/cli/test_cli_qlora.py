@@ -109,3 +109,17 @@ def test_quantize_skip_modules_that_are_also_targets_are_refused(tiny_dir, data_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "q_proj" in err and "both in target_modules" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.quantize=int4", ["int4", "'nf4'"]),
+    ("model.compute_dtype=float16", ["float16", "bfloat16"]),
+])
+def test_bad_quantize_settings_are_one_line_cli_errors(tiny_dir, data_files, tmp_path, capsys, override, words):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_dir}\n")
+    overrides = [override] if override.startswith("model.quantize") else ["model.quantize=nf4", override]
+    assert main(["train", str(cfg), *overrides, f"data.train={data_files[0]}", f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "o").exists()
