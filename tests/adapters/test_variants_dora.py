@@ -194,7 +194,7 @@ def test_peft_loads_ours_and_we_load_peft_fp32(make, tmp_path):
     assert rel_err(back(x).logits, want) < 1e-5
 
 
-def test_cast_to_peft_trains_the_same_gradients():
+def test_one_training_step_has_peft_dora_gradients():
     """One training step's gradients equal PEFT's (no dropout: the two DoRA forms are then one function)."""
     x = ids()
     lm = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "up_proj"], use_dora=True,
