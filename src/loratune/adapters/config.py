@@ -195,7 +195,7 @@ def _variant_problems(c: LoraConfig) -> list[str]:
             p.append(f"loftq_config must set loftq_bits: 4 for init_lora_weights=loftq (LoftQ quantizes the base to "
                      f"4-bit NF4, loratune's only quantization), got loftq_bits={bits!r}")
         if not _is_int(iters) or iters < 1:
-            p.append(f"loftq_config's loftq_iter must be a positive integer (e.g. 1), got {iters!r}")
+            p.append(f"loftq_config needs loftq_iter to be a positive integer (e.g. 1), got {iters!r}")
         unknown = sorted(set(c.loftq_config) - {"loftq_bits", "loftq_iter"})
         if unknown:
             p.append(f"loftq_config has unknown key(s) {unknown}; it takes loftq_bits and loftq_iter")
