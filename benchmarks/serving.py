@@ -34,15 +34,16 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving_client import client_run, start_server  # noqa: E402  (the load test's server process and clients)
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The best way to learn a language is",
            "def fibonacci(n):", "My favourite season of the year is", "Water boils at a temperature of",
@@ -228,81 +229,6 @@ def bench_swap(args, dirs: list[Path]) -> dict:
 
 
 # --- part 3: the load test -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "loratune", "serve", "--model", args.model, "--port", str(port),
-           "--max-lora-rank", str(args.rank), "--max-batch", str(args.clients), "--served-model-name", "base", *flags]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start within 600 s")
-
-
-async def _client_run(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int, limit: float) -> dict:
-    import httpx
-
-    results: list[dict | None] = [None] * len(jobs)
-    next_job = iter(range(len(jobs)))
-    start = time.perf_counter()
-
-    async def one(client, i):
-        model, prompt = jobs[i]
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        t0, first, text, usage, error = time.perf_counter(), None, [], None, None
-        try:
-            async with client.stream("POST", url + "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                else:
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        ev = json.loads(line[6:])
-                        if "error" in ev:
-                            error = ev["error"]["message"]
-                        elif ev.get("usage"):
-                            usage = ev["usage"]
-                        elif ev["choices"] and ev["choices"][0]["text"]:
-                            first = first or time.perf_counter()
-                            text.append(ev["choices"][0]["text"])
-        except Exception as e:  # noqa: BLE001  (a failed request is counted, not fatal)
-            error = f"{type(e).__name__}: {e}"
-        end = time.perf_counter()
-        results[i] = {"latency": end - t0, "ttft": (first or end) - t0, "text": "".join(text), "error": error,
-                      "tokens": usage["completion_tokens"] if usage else 0}
-
-    async def worker(client):
-        for i in next_job:
-            if time.perf_counter() - start > limit:
-                return
-            await one(client, i)
-
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-    wall = time.perf_counter() - start
-    return {"wall": wall, "results": results}
-
-
 def offline_answers(args, pairs: set[tuple[str | None, str]], dirs: dict[str, Path], cache: dict) -> None:
     """Fill ``cache[(adapter, prompt)]`` with the offline greedy text (adapter None: the base model)."""
     from loratune import LoraModel, load_base_model
@@ -347,7 +273,7 @@ def scenario(args, name: str, names: list[str], flags: list[str], policy: str, w
     try:
         import httpx
 
-        run = asyncio.run(_client_run(url, jobs, 1 if policy == "sequential" else args.clients, args.max_tokens,
+        run = asyncio.run(client_run(url, jobs, 1 if policy == "sequential" else args.clients, args.max_tokens,
                                       args.time_limit))
         metrics = httpx.get(url + "/metrics", trust_env=False).text
     finally:
