@@ -123,3 +123,24 @@ def test_bad_quantize_settings_are_one_line_cli_errors(tiny_dir, data_files, tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_and_chat_run_on_the_rebuilt_4_bit_base(qtrained, monkeypatch, capsys):
+    from loratune.cli import infer
+
+    built = []
+    real = infer.load_base_model
+    monkeypatch.setattr(infer, "load_base_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    answers = iter(["What is 1 plus 2?"])
+
+    def typed(_prompt):
+        for line in answers:
+            return line
+        raise EOFError  # Ctrl-D ends the chat
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert main(["chat", "--adapter", str(qtrained / "adapter"), "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "Hi", "--adapter", str(qtrained / "adapter"), "--max-new-tokens", "3"]) == 0
+    assert len(built) == 2
+    for model, _ in built:
+        assert quant.quantization_settings(model)["quantized_modules"] == 14
