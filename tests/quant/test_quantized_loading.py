@@ -111,3 +111,15 @@ def test_config_json_is_untouched(tmp_path, tiny_dir):
     before = json.loads((d / "config.json").read_text())
     load_base_model(d, quantize="nf4")
     assert json.loads((d / "config.json").read_text()) == before
+
+
+def test_without_accelerate_loading_falls_back_to_from_pretrained(tmp_path, tiny_dir, monkeypatch):
+    import sys
+
+    d = _save(tmp_path, tiny_dir, tie=False)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate raises ImportError
+    assert quant.load_quantized(AutoModelForCausalLM, d, [d / "model.safetensors"], torch.float32, torch.float32,
+                                None, {}) is None
+    model, _ = load_base_model(d, quantize="nf4")
+    ref = _reference(d)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True))

@@ -8,7 +8,8 @@ linear to quantize is read, quantized and dropped in turn. The peak is the 4-bit
 (embeddings, norms, the head) and one linear's weight (measured in docs/qlora.md).
 
 Where this cannot reproduce what ``from_pretrained`` would build (the checkpoint's names differ from the model's,
-as for checkpoints transformers converts while loading; or keyword arguments it alone understands), the caller
+as for checkpoints transformers converts while loading; or keyword arguments it alone understands), or accelerate
+is not installed, the caller
 falls back to ``from_pretrained`` + ``quantize_model``: ``load_quantized`` returns None before reading any weight.
 """
 
@@ -27,7 +28,10 @@ def load_quantized(auto: Any, path: Path, shards: list[Path], dtype: torch.dtype
                    skip_modules: list[str] | None, model_kwargs: dict[str, Any]) -> nn.Module | None:
     """``auto.from_pretrained(path)`` (``auto``: an ``AutoModelFor...`` class) with its linears in NF4, loaded layer
     by layer from the safetensors ``shards``; None where only ``from_pretrained`` can load it (see the module)."""
-    from accelerate import init_empty_weights
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # (not a loratune dependency of its own): from_pretrained + quantize_model, which peaks
+        return None  # at the fp32 model
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
 
