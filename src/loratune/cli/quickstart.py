@@ -53,10 +53,12 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, 
 
     print_summary(result.history, result.seconds, result.adapter_dir)
     print("\nheld-out exact match (ISO dates)")
-    print(f"  base model   {before['exact_match']:6.1%}   e.g. {before['samples'][0]['prediction']!r} "
-          f"for {before['samples'][0]['reference']!r}")
-    print(f"  with LoRA    {after['exact_match']:6.1%}   e.g. {after['samples'][0]['prediction']!r} "
-          f"for {after['samples'][0]['reference']!r}")
+    for label, em in (("base model", before), ("with LoRA", after)):
+        print(f"  {label:12s} {em['exact_match']:6.1%}")
+        for kind, match in (("hit", True), ("miss", False)):
+            e = next((e for e in em["examples"] if e["match"] is match), None)
+            print(f"      {kind:4s}  " + ("(none)" if e is None else
+                                         f"{e['prediction']!r}" + ("" if match else f", expected {e['reference']!r}")))
     print(f"\nadapter:      {result.adapter_dir}\nmerged model: {out / 'merged'}\n"
           f"loss curve:   {out / 'loss_curve.png'}\ntotal time:   {time.time() - t0:.0f} s")
     return {"before": before["exact_match"], "after": after["exact_match"], "seconds": time.time() - t0}
