@@ -47,8 +47,14 @@ class MixedBatch:
 
     def __init__(self, keys: Sequence[Hashable | None], factors: Callable[[nn.Module, Hashable], object | None],
                  layers: Iterable[nn.Module], stacks: Callable[[nn.Module], tuple | None] | None = None,
-                 copies: Callable[[nn.Module, Hashable], nn.Module | None] | None = None):
+                 copies: Callable[[nn.Module, Hashable], nn.Module | None] | None = None, fast: bool = True,
+                 cache_bytes: int = 0):
         self.keys = tuple(keys)
+        self.fast, self.cache_bytes = fast, cache_bytes
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached = 0
+        self._mask: dict[tuple, torch.Tensor] = {}
+        self._rows: dict[torch.device, torch.Tensor] = {}
         self.factors, self.stacks, self.copies = factors, stacks, copies
         self.layers = frozenset(id(m) for m in layers)
         groups: dict[Hashable, list[int]] = {}
@@ -63,6 +69,8 @@ class MixedBatch:
         self._order = torch.tensor(order, dtype=torch.long)
         self._slots = torch.tensor([self.keys[i] for i in order], dtype=torch.long) if stacks is not None else None
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.distinct = [k for k, _, _ in self.segments]
+        self.all_adapted = len(order) == len(self.keys)
 
     def applies_to(self, module: nn.Module) -> bool:
         """Whether ``module`` is one of the layers this batch was made for."""
@@ -80,6 +88,43 @@ class MixedBatch:
         gather copies r·(in+out) per row, small next to tokens·r·(in+out) of products)."""
         n = len(self._order)
         return len(self.segments) > 1 and (tokens_per_row >= 8 or 2 * len(self.segments) > n)
+
+
+    def row_slots(self, device: torch.device) -> torch.Tensor:
+        """Every row's key as an integer tensor, in row order (stacked keys; all rows adapted)."""
+        if device not in self._rows:
+            self._rows[device] = torch.tensor(self.keys, dtype=torch.long, device=device)
+        return self._rows[device]
+
+    def slot_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, distinct adapters, 1): 1 where a row uses that adapter (segments' order), 0 elsewhere (base rows:
+        all 0)."""
+        key = (device, dtype)
+        if key not in self._mask:
+            mask = torch.zeros(len(self.keys), len(self.distinct), 1, dtype=dtype)
+            for j, (_, start, stop) in enumerate(self.segments):
+                mask[self._order[start:stop], j] = 1
+            self._mask[key] = mask.to(device)
+        return self._mask[key]
+
+    def concatenated(self, layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's distinct adapters' factors of ``layer`` side by side: (n·r, in) and (n·r, out); kept for the
+        batch's later calls (the engine reuses a batch over decode steps while its rows keep their slots) while the
+        total stays under ``cache_bytes``."""
+        hit = self._cache.get(id(layer))
+        if hit is not None:
+            return hit
+        idx = torch.tensor(self.distinct, dtype=torch.long, device=A.device)
+        Ac = A.index_select(0, idx).reshape(-1, A.shape[-1])
+        Bc = B.index_select(0, idx).transpose(1, 2).reshape(-1, B.shape[1])
+        size = (Ac.numel() + Bc.numel()) * Ac.element_size()
+        if self._cached + size <= self.cache_bytes:
+            self._cache[id(layer)] = (Ac, Bc)
+            self._cached += size
+        return Ac, Bc
+
+
+ONEHOT_MAX = 8  # distinct adapters up to which a decode step multiplies every row by all of them (see below)
 
 
 _CURRENT: ContextVar[MixedBatch | None] = ContextVar("loratune_mixed_batch", default=None)
@@ -132,6 +177,10 @@ def add_mixed_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, bat
     order, slots = batch.index(result.device)
     if order.numel() == 0:
         return result
+    if batch.fast:
+        done = _fast_terms(layer, x, result, batch, lora_term, linear)
+        if done is not None:
+            return done
     xs = x.index_select(0, order)
     stacks = batch.stacks(layer) if batch.stacks is not None and linear else None
     if stacks is not None and batch.prefer_gathered(xs[0].numel() // x.shape[-1]):
@@ -158,3 +207,50 @@ def add_mixed_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, bat
     if result.requires_grad:
         return result.index_put((idx,), terms, accumulate=True)
     return result.index_put_((idx,), terms, accumulate=True)
+
+
+def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: MixedBatch,
+                lora_term: Callable[[torch.Tensor, object], torch.Tensor], linear: bool) -> torch.Tensor | None:
+    """The faster paths (``MixedBatch.fast``); None where the general path of ``add_mixed_terms`` should run.
+
+    * One adapter on every row: that adapter's term added to all rows, no gather and no scatter (the fused
+      single-adapter product, ``x·Aᵀ`` then ``addmm`` into the base output).
+    * Decode shapes (≤ 4 tokens per row) over stacked factors: with at most ``ONEHOT_MAX`` distinct adapters, one
+      shrink of every row by all of them side by side (``x·[A₁;…;Aₙ]ᵀ``, n·r columns), a 0/1 mask keeping each row's
+      own r columns (base rows: none), and one expand ``addmm`` into the base output: two products per layer instead
+      of a gather, two bmms and a scatter, at n times the adapter FLOPs (small next to the base at r ≪ hidden). With
+      more adapters, and every row adapted, the gathered bmms in row order, added in place (no row scatter).
+    """
+    inplace = not (result.requires_grad or x.requires_grad)
+    if len(batch.distinct) == 1 and batch.all_adapted:
+        f = batch.factors(layer, batch.distinct[0])
+        if f is None:
+            return result
+        if linear and isinstance(f, Factors) and inplace and x.dtype == f.lora_A.dtype == result.dtype \
+                and result.is_contiguous():
+            out2 = result.view(-1, result.shape[-1])
+            return out2.addmm_(x.reshape(-1, x.shape[-1]) @ f.lora_A.t(), f.lora_B.t()).view_as(result)
+        terms = lora_term(x, f).to(result.dtype)
+        return result.add_(terms) if inplace else result + terms
+    stacks = batch.stacks(layer) if batch.stacks is not None and linear else None
+    if stacks is None or not inplace or not result.is_contiguous():
+        return None
+    A, B = stacks
+    tokens = x[0].numel() // x.shape[-1]
+    if tokens > 4 or x.dtype != A.dtype or result.dtype != A.dtype:
+        return None
+    n = x.shape[0]
+    if len(batch.distinct) <= ONEHOT_MAX:
+        Ac, Bc = batch.concatenated(layer, A, B)
+        r = A.shape[1]
+        u = (x.reshape(n, tokens, -1) @ Ac.t()).view(n, tokens, len(batch.distinct), r)
+        u = u * batch.slot_mask(x.device, x.dtype).unsqueeze(1)
+        out2 = result.view(n * tokens, -1)
+        return out2.addmm_(u.view(n * tokens, -1), Bc).view_as(result)
+    if not batch.all_adapted:
+        return None
+    slots = batch.row_slots(x.device)
+    u = torch.bmm(x.reshape(n, tokens, -1), A.index_select(0, slots).transpose(1, 2))
+    out3 = result.view(n, tokens, -1)
+    out3.baddbmm_(u, B.index_select(0, slots).transpose(1, 2))
+    return result

@@ -67,8 +67,10 @@ def _out_cache(out):
 class Engine:
     """Runs the base model (wrapped by ``registry``) for prefill and batched decode steps."""
 
-    def __init__(self, model, registry: AdapterRegistry):
-        self.model, self.registry = model, registry
+    def __init__(self, model, registry: AdapterRegistry, fast: bool = True):
+        """``fast=False``: the first design (``MixedBatch`` paths of v1, a fresh batch per step), for comparison."""
+        self.model, self.registry, self.fast = model, registry, fast
+        self._batch: tuple | None = None
         self.device = next(model.parameters()).device
         self._kw = _cache_kw(model)
         self.cache: DynamicCache | None = None  # the active rows' shared cache
@@ -79,10 +81,32 @@ class Engine:
     def prefill(self, ids: list[int], slot: int | None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """Logits of the last prompt position, and the prompt's per-layer (keys, values)."""
         x = torch.tensor([ids], device=self.device)
-        with mixed_batch(self.registry.batch([slot])):
+        with mixed_batch(self.registry.batch([slot], fast=self.fast)):
             out = self.model(input_ids=x, use_cache=True)
         cache = _out_cache(out)
         return out.logits[0, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: list[list[int]], slots: list[int | None]
+                     ) -> list[tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]]:
+        """``prefill`` for several prompts in one left-padded forward (padding masked out, positions explicit, so each
+        row computes what it would alone); per prompt, its last logits and its own (unpadded) keys and values."""
+        if len(prompts) == 1:
+            return [self.prefill(prompts[0], slots[0])]
+        n, length = len(prompts), max(len(p) for p in prompts)
+        pads = [length - len(p) for p in prompts]
+        x = torch.zeros(n, length, dtype=torch.long)
+        mask = torch.zeros(n, length, dtype=torch.long)
+        for i, (p, pad) in enumerate(zip(prompts, pads)):
+            x[i, pad:] = torch.tensor(p)
+            mask[i, pad:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with mixed_batch(self.registry.batch(slots, fast=self.fast)):
+            out = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=pos.to(self.device), use_cache=True)
+        cache = _out_cache(out)
+        return [(out.logits[i, -1].float(), [(layer.keys[i:i + 1, :, pad:], layer.values[i:i + 1, :, pad:])
+                                             for layer in cache.layers]) for i, pad in enumerate(pads)]
 
     def join(self, kvs: list[list[tuple[torch.Tensor, ...]]]) -> None:
         """Append prefilled sequences as new rows of the shared cache."""
@@ -103,7 +127,7 @@ class Engine:
     def drop(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` (in that order); trim padding no row needs any more."""
         if not keep:
-            self.cache, self.pads, self.length = None, [], 0
+            self.cache, self.pads, self.length, self._batch = None, [], 0, None
             return
         idx = torch.tensor(keep, device=self.device)
         pads = [self.pads[i] for i in keep]
@@ -122,7 +146,10 @@ class Engine:
             mask[i, :p] = 0
         pos = torch.tensor([[self.length - p] for p in self.pads], device=self.device)
         x = torch.tensor(last, device=self.device).view(n, 1)
-        with mixed_batch(self.registry.batch(slots)):
+        key = (tuple(slots), self.registry.stats.swaps)  # the same rows in the same slots: reuse the batch
+        if self._batch is None or self._batch[0] != key:
+            self._batch = (key, self.registry.batch(slots, fast=self.fast))
+        with mixed_batch(self._batch[1]):
             out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
                              **{self._kw: self.cache})
         self.cache = _out_cache(out)

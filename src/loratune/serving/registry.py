@@ -318,8 +318,10 @@ class AdapterRegistry:
         self.stats.swap_ms.append(1000 * (time.perf_counter() - t0))
 
     # --- batches -------------------------------------------------------------------------------------
-    def batch(self, slots: list[int | None]) -> MixedBatch:
-        """The per-call metadata for rows using these slots (None: the base)."""
+    def batch(self, slots: list[int | None], fast: bool = True, cache_mb: float = 256.0) -> MixedBatch:
+        """The per-call metadata for rows using these slots (None: the base). ``fast=False``: the first design's
+        paths only (kept as a benchmark contestant); ``cache_mb``: memory the batch may keep per-layer copies of its
+        adapters' factors in, for reuse over decode steps (see ``MixedBatch.concatenated``)."""
         used = [s for s in slots if s is not None]
         rmax = max((r for s in set(used) for r in self.ranks.get(s, {}).values()), default=1)
         stacks, ranks, path_of = self.stacks, dict(self.ranks), self._path_of
@@ -336,7 +338,8 @@ class AdapterRegistry:
             A, B = stacks[path_of[id(layer)]]
             return A[:, :rmax], B[:, :, :rmax]
 
-        return MixedBatch(slots, factors, self.layers.values(), stacks=stacked)
+        return MixedBatch(slots, factors, self.layers.values(), stacks=stacked, fast=fast,
+                          cache_bytes=int(cache_mb * 2**20))
 
     def resident(self) -> int:
         with self._lock:

@@ -56,9 +56,13 @@ class Scheduler:
     """Owns the model: every forward runs on its one thread."""
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, eos_ids: set[int], max_batch: int = 32,
-                 max_batch_tokens: int = 16384, policy: str = "continuous"):
+                 max_batch_tokens: int = 16384, policy: str = "continuous", batch_prefill: bool = True,
+                 prefill_tokens: int = 4096):
+        """``batch_prefill``: the requests that join between two steps are prefilled together, in left-padded
+        forwards of at most ``prefill_tokens`` tokens (False: one at a time, the first design)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.batch_prefill, self.prefill_tokens = batch_prefill, prefill_tokens
         self.engine, self.registry, self.tok, self.eos = engine, registry, tokenizer, eos_ids
         self.max_batch = 1 if policy == "sequential" else max_batch
         self.max_tokens, self.policy = max_batch_tokens, policy
@@ -130,25 +134,63 @@ class Scheduler:
             try:
                 if seq.adapter is not None:
                     seq.slot = self.registry.acquire(seq.adapter)
-                logits, kv = self.engine.prefill(seq.prompt, seq.slot)
+                if not self.batch_prefill:
+                    logits, kv = self.engine.prefill(seq.prompt, seq.slot)
             except NoFreeSlot:
                 skipped.append(seq)
                 continue
             except Exception as e:
                 self._fail(seq, e if isinstance(e, ServingError) else ServingError(f"generation failed: {e}", 500))
                 continue
-            self.counters.prompt_tokens += len(seq.prompt)
-            seq.sampler = Sampler(seq.params)
-            if self._advance(seq, logits):
-                continue
-            joined.append(seq)
-            kvs.append(kv)
+            if self.batch_prefill:
+                joined.append(seq)  # prefilled together below
+            elif not self._started(seq, logits):
+                joined.append(seq)
+                kvs.append(kv)
         if skipped:
             with self._wake:
                 self.waiting.extendleft(reversed(skipped))
+        if joined and self.batch_prefill:
+            joined, kvs = self._prefill_together(joined)
         if joined:
             self.engine.join(kvs)
             self.active += joined
+
+    def _started(self, seq: Sequence, logits) -> bool:
+        """Count the prompt and sample the first token; True if ``seq`` finished already."""
+        self.counters.prompt_tokens += len(seq.prompt)
+        seq.sampler = Sampler(seq.params)
+        return self._advance(seq, logits)
+
+    def _prefill_together(self, seqs: list[Sequence]) -> tuple[list[Sequence], list]:
+        """Prefill the joining sequences in one forward (in chunks of at most ``prefill_tokens`` padded tokens); if
+        a chunk fails, its sequences are retried one at a time, so a bad one fails alone. The ones still running
+        and their caches."""
+        chunks, chunk = [], []
+        for seq in sorted(seqs, key=lambda s: len(s.prompt)):  # similar lengths together: less padding
+            if chunk and (len(chunk) + 1) * len(seq.prompt) > self.prefill_tokens:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(seq)
+        chunks.append(chunk)
+        running, kvs = [], []
+        for chunk in chunks:
+            try:
+                outs = self.engine.prefill_many([s.prompt for s in chunk], [s.slot for s in chunk])
+            except Exception:
+                outs = []
+                for seq in chunk:
+                    try:
+                        outs.append(self.engine.prefill(seq.prompt, seq.slot))
+                    except Exception as e:
+                        self._fail(seq, e if isinstance(e, ServingError) else
+                                   ServingError(f"generation failed: {e}", 500))
+                        outs.append(None)
+            for seq, got in zip(chunk, outs):
+                if got is not None and not self._started(seq, got[0]):
+                    running.append(seq)
+                    kvs.append(got[1])
+        return running, kvs
 
     def _step(self) -> None:
         logits = self.engine.decode([s.out[-1] for s in self.active], [s.slot for s in self.active])

@@ -14,6 +14,7 @@ from .protocol import Parsed
 from .registry import AdapterRegistry, ServingError
 from .scheduler import Scheduler, Sequence
 
+DESIGN = "v2"  # the default ``Server(design=)``; benchmarks/serving_client.py sets "v1" to run the first design
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -24,7 +25,12 @@ class Server:
     def __init__(self, model: nn.Module, tokenizer, base_id: str, *, root: str | Path | None = None,
                  adapters: dict[str, str | Path] | None = None, max_loras: int = 8, max_cpu_loras: int | None = None,
                  max_lora_rank: int = 16, max_batch: int = 32, max_batch_tokens: int = 16384,
-                 policy: str = "continuous", base_root: str | None = None):
+                 policy: str = "continuous", base_root: str | None = None, design: str | None = None):
+        """``design``: "v2" (default: fast mixed paths, batched prefill) or "v1" (the first design, kept as the
+        benchmark's contestant; the module's ``DESIGN`` gives the default)."""
+        design = design or DESIGN
+        if design not in ("v1", "v2"):
+            raise LoraTuneError(f"design must be v1 or v2, got {design!r}")
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -38,8 +44,8 @@ class Server:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.scheduler = Scheduler(Engine(model, self.registry), self.registry, tokenizer, self.eos, max_batch,
-                                   max_batch_tokens, policy)
+        self.scheduler = Scheduler(Engine(model, self.registry, fast=design == "v2"), self.registry, tokenizer,
+                                   self.eos, max_batch, max_batch_tokens, policy, batch_prefill=design == "v2")
         self.created = int(time.time())
 
     def start(self) -> Server:
