@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import quant, settings
+from . import devices, quant, settings
 from .errors import LoraTuneError
 from .fsutil import atomic_dir
 
@@ -66,32 +65,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return _cached_gguf(path.resolve(), path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    if not path.exists() and HUB_ID.fullmatch(key):
-        return hub_snapshot(key)
     raise LoraTuneError(f"model '{name_or_path}' not found: use a bundled name ({', '.join(BUNDLED)}), "
-                        "an HF model directory holding config.json, a .gguf file, or a hub id such as "
-                        "HuggingFaceTB/SmolLM2-360M-Instruct")
-
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the hub spells them
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # never pickles
-
-
-def hub_snapshot(repo_id: str) -> Path:
-    """The local folder of hub model ``repo_id`` (huggingface_hub's cache): downloaded on a connected machine
-    (config, tokenizer and safetensors files only), read from the cache when offline (``HF_HUB_OFFLINE=1``)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except LocalEntryNotFoundError:
-        raise LoraTuneError(f"model '{repo_id}' is not in the Hugging Face cache and cannot be downloaded here "
-                            "(offline); download it once on a connected machine (unset HF_HUB_OFFLINE), or give a "
-                            "local model directory") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LoraTuneError(f"model '{repo_id}' cannot be fetched from the Hugging Face hub ({_first_line(e)}); "
-                            "check the id (owner/name) and your access, or give a local model directory") from None
+                        "an HF model directory holding config.json, or a .gguf file")
 
 
 def _check_gguf(gguf: Path) -> None:
@@ -220,10 +195,14 @@ def check_model_dir(path: Path, variant: str | None = None) -> list[Path]:
 
 
 def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: str | None = None,
-                    dtype: torch.dtype = torch.float32, quantize: str | None = None,
+                    dtype: torch.dtype | str = torch.float32, quantize: str | None = None,
                     compute_dtype: torch.dtype | None = None, quantize_skip_modules: list[str] | None = None,
-                    **model_kwargs):
+                    device: torch.device | str | None = "cpu", **model_kwargs):
     """Load ``(model, tokenizer)``: a bundled name, an HF model directory, or a ``.gguf`` file.
+
+    ``dtype`` (a torch dtype or its name: float32, bfloat16, float16, or "auto") is the weights' precision and
+    ``device`` (cpu, cuda, cuda:N, mps or "auto") where they go (``loratune.devices``: a device this machine lacks,
+    or float16 on a CPU, is a one-line error).
 
     ``task`` is "causal-lm" (default for LMs) or "seq-cls" (sequence classification; pass ``num_labels``).
     ``quantize="nf4"`` stores every eligible linear in 4-bit NormalFloat (QLoRA; ``compute_dtype`` defaults to
@@ -236,6 +215,8 @@ def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: st
     if model_kwargs.pop("use_safetensors", True) is not True:
         raise LoraTuneError("loratune loads weights from safetensors only (unpickling can run code); drop "
                             f"use_safetensors=False and {RESAVE}")
+    device = devices.resolve_device(device)
+    dtype = devices.resolve_dtype(dtype, device)
     quantize = quant.check_quantize(quantize)
     compute_dtype = quant.check_compute_dtype(compute_dtype or dtype) if quantize else None
     path = resolve_model_path(name_or_path)
@@ -257,6 +238,8 @@ def load_base_model(name_or_path: str | Path = "smollm2-135m-instruct", task: st
         raise LoraTuneError(f"cannot load the model in {path} ({_first_line(e)}); check that it is a complete "
                             f"transformers model directory (config.json and its safetensors weights), or {RESAVE}"
                             ) from None
+    if device.type != "cpu":
+        model.to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

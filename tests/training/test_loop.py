@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,14 +112,19 @@ def _torchrun(tmp_path, out, args, nproc=2, timeout=600):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 @pytest.mark.parametrize("batch, accum, steps", [
     (3, 1, 8),  # the 6th global batch has 2 rows: rank 0 gets 2 of its 3, rank 1 none; then epoch 2
     (3, 2, 4),  # the 3rd has 8 rows: rank 0 two micro-batches of 3, rank 1 one of 2; then epoch 2
 ])
-def test_torchrun_two_processes_match_one(tiny_dir, data_files, tmp_path, batch, accum, steps):
+def test_torchrun_two_processes_match_one(tiny_dir, data_files, tmp_path, batch, accum, steps, mode):
     """2 gloo processes at batch b × accum a = 1 process at batch b × accum 2a (the same global batches), also
     where a global batch is short and a rank has fewer rows than the other, or none, and across an epoch's end:
-    every rank takes part in every all-reduce, and the loss is divided by the global batch's token count."""
+    every rank takes part in every collective, and the loss is divided by the global batch's token count.
+
+    fsdp: FSDP2 shards each decoder layer (adapters included) over the two processes and reduce-scatters their
+    gradients; the adapter is gathered and saved by rank 0. The gradient must be the sum over processes, not the
+    mean (FSDP's default, pytorch/pytorch#162338): the logged gradient norms and the adapter both show it."""
     base = ["lora.dropout=0", f"train.batch_size={batch}", f"train.max_steps={steps}"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same products, the same rounding
@@ -129,16 +135,38 @@ def test_torchrun_two_processes_match_one(tiny_dir, data_files, tmp_path, batch,
         torch.set_num_threads(threads)
     train_f, eval_f = data_files
     args = [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}", "lora.r=4", "train.lr=1e-2",
-            "data.max_seq_len=64", *base, f"train.grad_accum={accum}"]
+            "data.max_seq_len=64", *base, f"train.grad_accum={accum}", f"train.distributed={mode}"]
     r = _torchrun(tmp_path, tmp_path / "two", args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("train loss") == 1  # one summary, from rank 0
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
-        assert rel_err(b[k], a[k]) <= 1e-5, k
-    logged = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == pytest.approx([h["loss"] for h in one.history], rel=1e-5)  # the global batch's mean loss
+        assert b[k].shape == a[k].shape and rel_err(b[k], a[k]) <= 1e-5, k
+    logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in logged] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+    assert [h["grad_norm"] for h in logged] == pytest.approx([h["grad_norm"] for h in one.history], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_run_killed_and_resumed_ends_with_the_same_adapter(tiny_dir, data_files, tmp_path):
+    """A 2-process FSDP run with dropout, its last checkpoints and adapter removed (as if killed after step 4), run
+    again: it resumes from step 4 (whole adapter and optimizer state sharded again, each process's own dropout
+    generator) and ends bit for bit where the uninterrupted run ended."""
+    train_f, _ = data_files
+    args = [f"model={tiny_dir}", f"data.train={train_f}", "lora.r=4", "train.lr=1e-2", "data.max_seq_len=64",
+            "lora.dropout=0.1", "train.batch_size=3", "train.max_steps=8", "train.distributed=fsdp",
+            "train.save_every=2", "train.keep_checkpoints=5"]
+    out = tmp_path / "run"
+    assert _torchrun(tmp_path, out, args).returncode == 0
+    full = _adapter(out)
+    for name in ("checkpoints/step-0000006", "checkpoints/step-0000008", "adapter"):
+        shutil.rmtree(out / name)
+    r = _torchrun(tmp_path, out, args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "(step 4 of 8)" in r.stdout
+    again = _adapter(out)
+    assert all(torch.equal(full[k], again[k]) for k in full)
 
 
 def test_loraplus_gives_b_a_larger_lr(tiny_dir, data_files, tmp_path):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from .. import devices
 from ..data import prepare
 from ..data.dates_task import make_dates_task
 from ..errors import LoraTuneError
@@ -39,7 +42,10 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, 
     train_file, eval_file = make_dates_task(out / "data", n_train=n_train, n_eval=n_eval, seed=0)
     cfg = load_run_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
                                  *overrides], defaults=QUICKSTART)
-    model, tok = load_base_model(cfg.model.name, **cfg.model.load_kwargs())
+    device = devices.resolve_device(cfg.train.device, key="train.device")
+    dtype = devices.resolve_dtype(cfg.model.dtype, device, key="model.dtype")
+    model, tok = load_base_model(cfg.model.name, dtype=dtype, device=device, **cfg.model.load_kwargs())
+    print(f"[{time.time() - t0:5.0f}s] base model on {device} in {str(dtype).removeprefix('torch.')}", flush=True)
     data = prepare(fit_to_model(cfg.data, model), tok, seed=cfg.train.seed)
     bs, mnt = cfg.train.eval_batch_size, 16
     print(f"[{time.time() - t0:5.0f}s] measuring the base model on {len(data.eval)} held-out rows", flush=True)
@@ -49,21 +55,25 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, 
     result = train(cfg, overwrite=True, model_and_tokenizer=(model, tok), data=data, progress=progress)
     after = exact_match(result.model, tok, data.eval, bs, mnt)
     print(f"[{time.time() - t0:5.0f}s] merging", flush=True)
-    save_merged(result.model, tok, out / "merged")
+    if dtype in (torch.bfloat16, torch.float16):  # ΔW added in float32, the sum rounded once to the base's dtype
+        result.model.to(torch.float32)
+    save_merged(result.model, tok, out / "merged", dtype=dtype if dtype != torch.float32 else None)
 
     print_summary(result.history, result.seconds, result.adapter_dir)
     print("\nheld-out exact match (ISO dates)")
-    for label, em in (("base model", before), ("with LoRA", after)):
-        print(f"  {label:12s} {em['exact_match']:6.1%}")
-        for kind, match in (("hit", True), ("miss", False)):
-            e = next((e for e in em["examples"] if e["match"] is match), None)
-            print(f"      {kind:4s}  " + ("(none)" if e is None else
-                                         f"{e['prediction']!r}" + ("" if match else f", expected {e['reference']!r}")))
+    print(f"  base model   {before['exact_match']:6.1%}   e.g. {before['samples'][0]['prediction']!r} "
+          f"for {before['samples'][0]['reference']!r}")
+    print(f"  with LoRA    {after['exact_match']:6.1%}   e.g. {after['samples'][0]['prediction']!r} "
+          f"for {after['samples'][0]['reference']!r}")
     print(f"\nadapter:      {result.adapter_dir}\nmerged model: {out / 'merged'}\n"
           f"loss curve:   {out / 'loss_curve.png'}\ntotal time:   {time.time() - t0:.0f} s")
-    return {"before": before["exact_match"], "after": after["exact_match"], "seconds": time.time() - t0}
+    eval_loss = next((h["eval_loss"] for h in reversed(result.history) if "eval_loss" in h), None)
+    return {"before": before["exact_match"], "after": after["exact_match"], "eval_loss": eval_loss,
+            "seconds": time.time() - t0, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
 
 
 def cmd_quickstart(args) -> int:
-    run_quickstart(Path(args.out), args.overrides, progress=not args.no_progress)
+    flags = [f"train.device={args.device}"] if args.device else []
+    flags += [f"model.dtype={args.dtype}"] if args.dtype else []
+    run_quickstart(Path(args.out), [*args.overrides, *flags], progress=not args.no_progress)
     return 0

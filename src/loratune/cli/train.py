@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from .. import settings
+from .. import devices, settings
 from ..adapters import get_lora_model
 from ..data import collate, format_example, prepare
+from ..devices import model_device, to_device
 from ..models import load_base_model
 from ..training.config import dump_run_config, load_run_config
 from ..training.evaluate import response_loss_sum
@@ -27,7 +28,12 @@ def cmd_train(args) -> int:
 
 def dry_run(cfg) -> int:
     print("# resolved config\n" + dump_run_config(cfg))
-    model, tok = load_base_model(cfg.model.name, **cfg.model.load_kwargs())
+    device = devices.resolve_device(cfg.train.device, key="train.device")
+    dtype = devices.resolve_dtype(cfg.model.dtype, device, key="model.dtype")
+    print(f"# runs on {device} in {str(dtype).removeprefix('torch.')} (train.device={cfg.train.device}, "
+          f"model.dtype={cfg.model.dtype}, train.distributed={cfg.train.distributed}, "
+          f"train.compile={str(cfg.train.compile).lower()})")
+    model, tok = load_base_model(cfg.model.name, dtype=dtype, device=device, **cfg.model.load_kwargs())
     data = prepare(fit_to_model(cfg.data, model), tok, seed=cfg.train.seed)
     print("# data")
     for line in data.report_lines():
@@ -49,7 +55,7 @@ def dry_run(cfg) -> int:
 def _time_one_batch(lm, rows, pad_id: int) -> float:
     """Seconds for one forward + backward on ``rows`` (the second of two runs: the first warms up)."""
     lm.train()
-    batch = collate(rows, pad_id)
+    batch = to_device(collate(rows, pad_id), model_device(lm))
     for _ in range(2):
         start = time.perf_counter()
         response_loss_sum(lm, batch)[0].backward()

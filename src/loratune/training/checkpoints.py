@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,22 +21,30 @@ class TrainingError(LoraTuneError):
     """Training cannot go on (non-finite loss, mismatched checkpoint, occupied output dir)."""
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as safetensors-able tensors plus JSON (checkpoints are never pickled)."""
+def _optimizer_tensors(opt: torch.optim.Optimizer, state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as safetensors-able CPU tensors plus JSON (checkpoints are never pickled, and load on any
+    device); ``state``: the per-parameter state to write instead of the optimizer's own (gathered whole, FSDP)."""
     sd = opt.state_dict()
-    tensors = {f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
-               for pid, st in sd["state"].items() for k, v in st.items()}
+    tensors = {f"{pid}.{k}": (v.detach().cpu() if torch.is_tensor(v) else torch.tensor(v))
+               for pid, st in (sd["state"] if state is None else state).items() for k, v in st.items()}
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str) -> Path:
-    """Write checkpoints/step-N of ``model`` (a LoraModel) whole or not at all (``fsutil.atomic_dir``)."""
+def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str,
+                    optimizer_state: dict | None = None, rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoints/step-N of ``model`` (a LoraModel) whole or not at all (``fsutil.atomic_dir``).
+
+    Every tensor is written from the CPU: a checkpoint made on a GPU resumes on any device. ``rng``: the random
+    generators' states of every process by rank (``distributed.rng_states``; default: this process's), the CUDA
+    generator's beside the CPU's where CUDA is in use (dropout on a GPU draws from it)."""
     final = out / CHECKPOINTS / f"step-{step:07d}"
     try:
         with atomic_dir(final) as tmp:
             model.save_pretrained(tmp / "adapter")
-            tensors, meta = _optimizer_tensors(opt)
-            tensors["rng.torch"] = torch.get_rng_state()
+            tensors, meta = _optimizer_tensors(opt, optimizer_state)
+            for r, states in enumerate(rng or [_own_rng()]):
+                for key, state in states.items():
+                    tensors[f"rng.{key}" + (f".rank{r}" if r else "")] = state
             save_tensors(tensors, tmp / "trainer_state.safetensors")
             save_json({"step": step, "optimizer": meta, "scheduler": sched.state_dict(), "config": config_text},
                       tmp / "trainer_state.json")
@@ -45,6 +54,13 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str) -
                             "disk space and run the same command again: it resumes from "
                             + (last.name if last else "the start")) from None
     return final
+
+
+def _own_rng() -> dict[str, torch.Tensor]:
+    own = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        own["cuda"] = torch.cuda.get_rng_state()
+    return own
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -69,21 +85,39 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, opt, sched, config_text: str) -> int:
-    """Restore ``model`` (a LoraModel), optimizer, scheduler and RNG from ``ckpt``; returns its step."""
+def check_checkpoint(ckpt: Path, config_text: str) -> dict:
+    """``ckpt``'s trainer state, refused (TrainingError) if it was made with another config."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if state["config"] != config_text:
         raise TrainingError(f"checkpoint {ckpt} was made with a different config; run with --overwrite to "
                             "start over, or restore the config it was made with")
-    load_adapter_weights(model, ckpt / "adapter", "default")
+    return state
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched, config_text: str, adapter: bool = True,
+                    place: Callable[[list, dict], None] | None = None, rank: int = 0) -> int:
+    """Restore ``model`` (a LoraModel; unless ``adapter`` is False: already loaded), optimizer, scheduler and RNG
+    from ``ckpt``; returns its step. Tensors go to the device of the parameter they belong to; ``place(params,
+    state)`` may turn them into shards first (FSDP). Process ``rank`` takes its own generators' states (rank 0's
+    where the checkpoint has none for it: it was made with fewer processes)."""
+    state = check_checkpoint(ckpt, config_text)
+    if adapter:
+        load_adapter_weights(model, ckpt / "adapter", "default")
     tensors = read_tensors(ckpt / "trainer_state.safetensors")
     sd = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     for key, v in tensors.items():
-        if key == "rng.torch":
+        if key.startswith("rng."):
             continue
         pid, name = key.split(".", 1)
         sd["state"].setdefault(int(pid), {})[name] = v
+    if place is not None:
+        place([p for g in opt.param_groups for p in g["params"]], sd["state"])
     opt.load_state_dict(sd)
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    def own(key: str) -> torch.Tensor | None:
+        return tensors.get(f"{key}.rank{rank}" if rank else key, tensors.get(key))
+
+    torch.set_rng_state(own("rng.torch"))
+    if own("rng.cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own("rng.cuda"))
     return int(state["step"])

@@ -44,6 +44,7 @@ SYNONYMS: dict[str, dict[str, str]] = {
         "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_type": "quantize",
         "llm_int8_skip_modules": "quantize_skip_modules", "skip_modules": "quantize_skip_modules",
         "modules_to_not_convert": "quantize_skip_modules",
+        "torch_dtype": "dtype", "precision": "dtype", "bf16": "dtype", "fp16": "dtype",
     },
     "train": {
         "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "n_epochs": "epochs",
@@ -55,6 +56,8 @@ SYNONYMS: dict[str, dict[str, str]] = {
         "num_steps": "max_steps", "total_steps": "max_steps", "train_steps": "max_steps",
         "eval_steps": "eval_every", "save_steps": "save_every", "random_seed": "seed",
         "use_gradient_checkpointing": "gradient_checkpointing", "loraplus_ratio": "loraplus_lr_ratio",
+        "device_map": "device", "torch_compile": "compile", "fsdp": "distributed", "ddp": "distributed",
+        "strategy": "distributed",
     },
     "data": {
         "cutoff_len": "max_seq_len", "sequence_len": "max_seq_len", "max_length": "max_seq_len",
@@ -362,5 +365,22 @@ def _warn_if_steps_and_epochs(train: TrainConfig) -> None:
                       ConfigWarning, stacklevel=4)
 
 
+# Where and how a run computes, not what: a run may resume on another device, with another number of processes,
+# sharded or not, compiled or not (checkpoints are device-free; the global batch is the same). Left out of
+# run_config.yaml, which is what a resumed run must match; so is model.dtype at its default (float32), which keeps
+# the run configs written before it existed valid.
+_HOW = {"train": ("device", "distributed", "compile")}
+_SAME_AS_BEFORE = {"model": {"dtype": "float32"}}
+
+
 def dump_run_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The run's config as YAML: what ``run_config.yaml`` holds and a resumed run is compared with."""
+    d = cfg.to_dict()
+    for section, keys in _HOW.items():
+        for k in keys:
+            d[section].pop(k, None)
+    for section, defaults in _SAME_AS_BEFORE.items():
+        for k, v in defaults.items():
+            if d[section].get(k) == v:
+                del d[section][k]
+    return yaml.safe_dump(d, sort_keys=False)

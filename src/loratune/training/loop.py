@@ -9,6 +9,7 @@ grad_accum=2 and two processes with grad_accum=1 compute the same gradient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,14 +22,23 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .. import ops
+from .. import devices, ops, settings
 from ..adapters import LoraModel, get_lora_model
+from ..adapters.files import load_adapter_weights
 from ..data import DataConfig, PreparedData, collate, prepare
 from ..errors import ConfigWarning, LoraTuneError
 from ..fsutil import atomic_dir, save_json, write_text
 from ..models import BUNDLED, load_base_model
 from . import distributed
-from .checkpoints import TrainingError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoints import (
+    TrainingError,
+    check_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .compiled import compile_layers
 from .config import RunConfig, dump_run_config
 from .evaluate import eval_loss, response_loss_sum
 from .optim import global_batch, lr_lambda, make_optimizer, total_steps
@@ -80,16 +90,34 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
           progress: bool = True, stop_after: int | None = None) -> RunResult:
     """Fine-tune a LoRA adapter as ``cfg`` says; resumes from the latest checkpoint in ``output_dir``.
 
-    ``stop_after`` ends the run after that many steps as if killed (tests of resume use it).
+    The base is loaded in ``cfg.model.dtype`` on ``cfg.train.device`` (a ``model_and_tokenizer`` given is moved
+    there as it is); under torchrun, ``cfg.train.distributed`` is ddp (adapters on every process, gradients summed)
+    or fsdp (FSDP2 per decoder layer). ``stop_after`` ends the run after that many steps as if killed (tests of
+    resume use it).
     """
-    rank, world = distributed.setup()
     tc = cfg.train
+    world = settings.get().world_size
+    if tc.distributed == "fsdp" and world < 2:
+        raise distributed.DistributedError(
+            "train.distributed=fsdp shards the model over several processes, but this is one process; start it "
+            "with torchrun --nproc_per_node=N -m loratune train ..., or set train.distributed=ddp")
+    device = devices.resolve_device(tc.device, distributed.local_rank(), key="train.device")
+    if world > 1 and tc.device.startswith("cuda:"):
+        raise distributed.DistributedError(
+            f"train.device={tc.device} under torchrun: each process takes the GPU of its local rank; set "
+            "train.device=cuda (or auto)")
+    dtype = devices.resolve_dtype(cfg.model.dtype, device, key="model.dtype")
+    fsdp = tc.distributed == "fsdp" and world > 1
+    rank, world = distributed.join(device)
     out = Path(cfg.output_dir)
     config_text = dump_run_config(cfg)
     check_output_dir(out, config_text, overwrite)
 
     torch.manual_seed(tc.seed)
-    model, tok = model_and_tokenizer or load_base_model(cfg.model.name, **cfg.model.load_kwargs())
+    load_on = torch.device("cpu") if fsdp else device  # FSDP: each process moves only its shards to the device
+    model, tok = model_and_tokenizer or load_base_model(cfg.model.name, dtype=dtype, device=load_on,
+                                                        **cfg.model.load_kwargs())
+    model.to(load_on)
     require_causal_lm(model, cfg.model.name)
     if data is None:
         data = prepare(fit_to_model(cfg.data, model), tok, seed=tc.seed)
@@ -112,14 +140,22 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
 
     per_epoch, steps = total_steps(len(data.train), tc, world)
     per_step = tc.batch_size * tc.grad_accum * world
-    opt = make_optimizer(lm, tc)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.scheduler, int(tc.warmup_ratio * steps), steps))
-    params = [p for p in lm.parameters() if p.requires_grad]
-
     start = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, lm, opt, sched, config_text)
+        check_checkpoint(ckpt, config_text)
+        load_adapter_weights(lm, ckpt / "adapter", "default")  # (before sharding: the file holds whole tensors)
+    if fsdp:
+        distributed.shard(lm, device)
+    if tc.compile:
+        compile_layers(lm)
+    opt = make_optimizer(lm, tc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.scheduler, int(tc.warmup_ratio * steps), steps))
+    params = [p for p in lm.parameters() if p.requires_grad]
+    whole = [p for p in params if not distributed.is_sharded(p)]  # FSDP reduces the sharded ones itself
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, lm, opt, sched, config_text, adapter=False,
+                                place=distributed.shard_like if fsdp else None, rank=rank)
         if rank == 0:
             print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
                   else f"resuming from {ckpt} (step {start} of {steps})", flush=True)
@@ -139,27 +175,33 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         rows = global_batch(step - 1, len(data.train), per_epoch, per_step, tc.seed)
         n_tokens = sum(sum(1 for v in data.train[i].labels[1:] if v != ops.IGNORE_INDEX) for i in rows)
         mine = rows[rank * tc.batch_size * tc.grad_accum:(rank + 1) * tc.batch_size * tc.grad_accum]
-        step_loss = torch.zeros(())
-        for k in range(0, len(mine), tc.batch_size):
-            batch = collate([data.train[i] for i in mine[k:k + tc.batch_size]], pad)
+        step_loss = torch.zeros((), device=device)
+        # Under FSDP every process runs grad_accum forwards and backwards (their all-gathers and reduce-scatters
+        # pair up across processes); a micro-batch without rows of this process runs one row with weight 0.
+        chunks = range(0, tc.grad_accum * tc.batch_size if fsdp else len(mine), tc.batch_size)
+        for k in chunks:
+            part = mine[k:k + tc.batch_size]
+            batch = devices.to_device(collate([data.train[i] for i in part or rows[:1]], pad), device)
             loss_sum, _ = response_loss_sum(lm, batch)
-            (loss_sum / max(n_tokens, 1)).backward()
-            step_loss += loss_sum.detach()
-            tokens_seen += int(batch["attention_mask"].sum())
+            ((loss_sum if part else loss_sum * 0) / max(n_tokens, 1)).backward()
+            if part:
+                step_loss += loss_sum.detach()
+                tokens_seen += int(batch["attention_mask"].sum())
         if world > 1:
             dist.all_reduce(step_loss)
         loss = step_loss.item() / max(n_tokens, 1)
         if not math.isfinite(loss):
             raise TrainingError(f"loss became {loss} at step {step}; lower train.lr (now {tc.lr}) or check the data")
-        distributed.all_reduce_grads(params, world)
-        if tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        distributed.all_reduce_grads(whole, world)
+        # the global gradient's norm, before clipping (logged: a wrong reduction across processes shows here)
+        clip = distributed.clip_grad_norm if fsdp else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, tc.max_grad_norm or math.inf).item()
         lr = sched.get_last_lr()[0]  # the rate this step uses (read before sched.step() moves on)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-        record = {"step": step, "loss": loss, "lr": lr,
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
         if data.eval and (step == steps or (tc.eval_every and step % tc.eval_every == 0)):
             record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
@@ -169,10 +211,9 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
-            if step == steps or (tc.save_every and step % tc.save_every == 0):
-                save_checkpoint(out, step, lm, opt, sched, config_text)
-                prune_checkpoints(out, tc.keep_checkpoints)
+        # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
+        if step == steps or (tc.save_every and step % tc.save_every == 0):
+            _checkpoint(out, step, lm, opt, sched, config_text, tc, rank, params, fsdp)
         if stop_after is not None and step - start >= stop_after:
             break
     bar.close()
@@ -182,16 +223,26 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0, rank)
 
     adapter_dir = out / "adapter"
-    if rank == 0:
-        with atomic_dir(adapter_dir) as tmp:  # whole or not at all: never new weights beside an old config
-            lm.save_pretrained(tmp)
-            if cfg.data.chat_template:
-                tok.chat_template = cfg.data.chat_template
-            tok.save_pretrained(tmp)  # the chat template travels with the adapter
-            save_json({"system_prompt": cfg.data.system_prompt}, tmp / PROMPT_FILE)
-        write_loss_curve(history, out / "loss_curve.png")
+    with distributed.whole_params(lm, params) if fsdp else contextlib.nullcontext():
+        if rank == 0:
+            with atomic_dir(adapter_dir) as tmp:  # whole or not at all: never new weights beside an old config
+                lm.save_pretrained(tmp)
+                if cfg.data.chat_template:
+                    tok.chat_template = cfg.data.chat_template
+                tok.save_pretrained(tmp)  # the chat template travels with the adapter
+                save_json({"system_prompt": cfg.data.system_prompt}, tmp / PROMPT_FILE)
+            write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()
     return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0, rank)
 
 
+def _checkpoint(out: Path, step: int, lm, opt, sched, config_text: str, tc, rank: int, params, fsdp: bool) -> None:
+    """checkpoints/step-N, written by rank 0, with every process's generator states; under FSDP every process
+    first gathers its shards (collectives, all)."""
+    rng = distributed.rng_states(dist.get_world_size() if dist.is_initialized() else 1)
+    state = distributed.optimizer_tensors_whole(opt) if fsdp else None
+    with distributed.whole_params(lm, params) if fsdp else contextlib.nullcontext():
+        if rank == 0:
+            save_checkpoint(out, step, lm, opt, sched, config_text, optimizer_state=state, rng=rng)
+            prune_checkpoints(out, tc.keep_checkpoints)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .. import quant
+from .. import devices, quant
 from ..errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # NF4 compute dtypes, by their config names
@@ -25,8 +25,13 @@ class ModelConfig:
     ``quantize: nf4`` stores every eligible linear of the base in 4-bit NormalFloat before LoRA is injected (QLoRA,
     docs/qlora.md), computing in ``compute_dtype``; ``quantize_skip_modules`` keeps more modules in full precision
     (the output head is always kept, as transformers does).
+
+    ``dtype`` is the precision of the frozen base weights and activations (``devices.resolve_dtype``: auto picks
+    bfloat16 on a GPU or CPU with fast bfloat16, float32 elsewhere); adapters stay float32 and the loss is float32.
+    The default is float32, so that a config gives the same numbers on every machine; ask for auto or bfloat16.
     """
     name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
     quantize: str | None = None
     compute_dtype: str = "float32"
     quantize_skip_modules: list[str] | None = None
@@ -37,6 +42,10 @@ class ModelConfig:
             self.quantize = quant.check_quantize(self.quantize)
         except ConfigError as e:
             p.append(f"model.{e}")
+        try:
+            devices.check_dtype_name(self.dtype, "model.dtype")
+        except ConfigError as e:
+            p.append(str(e))
         if self.compute_dtype not in DTYPES:
             p.append(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
         skip = self.quantize_skip_modules
@@ -78,9 +87,19 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many step-N checkpoints to keep (the last one always)
     eval_batch_size: int = 32
     max_new_tokens: int = 32
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (devices.resolve_device)
+    distributed: str = "ddp"  # under torchrun: ddp (adapters replicated) or fsdp (FSDP2, the base sharded per layer)
+    compile: bool = False  # torch.compile the model (inductor)
 
     def __post_init__(self) -> None:
         p = []
+        try:
+            devices.check_device_name(self.device, "train.device")
+        except ConfigError as e:
+            p.append(str(e))
+        if self.distributed not in ("ddp", "fsdp"):
+            p.append(f"train.distributed must be ddp or fsdp, got {self.distributed!r} (fsdp shards the base model "
+                     "over the processes of torchrun)")
         if self.scheduler not in ("cosine", "linear", "constant"):
             p.append(f"train.scheduler must be cosine, linear or constant, got {self.scheduler!r}")
         for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):

@@ -1,0 +1,23 @@
+"""``train.compile``: torch.compile (inductor) on each decoder layer of the model.
+
+Layer by layer, as torchtune does: the layers are alike, so one compiled graph serves them all (the compile time of
+one layer, not of the whole model), the chunked loss stays eager (its buffers and chunk loop are not the
+compiler's business), and FSDP's per-layer hooks sit outside each compiled region. loratune's fused LoRA path
+reaches the compiler as torch custom ops with fake implementations (``ops/blocks.py``, ``ops/dropout.py``), traced
+without a graph break. On a CPU, inductor needs a C compiler (scripts/setup.sh installs one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import decoder_layers
+
+
+def compile_layers(lm: torch.nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every decoder layer of ``lm`` in place (``nn.Module.compile``); returns how many. A model
+    without recognisable decoder layers is compiled whole."""
+    layers = decoder_layers(lm)
+    for layer in layers or [lm]:
+        layer.compile(backend=backend)
+    return len(layers)
