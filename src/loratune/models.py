@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,32 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return _cached_gguf(path.resolve(), path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return path
+    if not path.exists() and HUB_ID.fullmatch(key):
+        return hub_snapshot(key)
     raise LoraTuneError(f"model '{name_or_path}' not found: use a bundled name ({', '.join(BUNDLED)}), "
-                        "an HF model directory holding config.json, or a .gguf file")
+                        "an HF model directory holding config.json, a .gguf file, or a hub id such as "
+                        "HuggingFaceTB/SmolLM2-360M-Instruct")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the hub spells them
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # never pickles
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of hub model ``repo_id`` (huggingface_hub's cache): downloaded on a connected machine
+    (config, tokenizer and safetensors files only), read from the cache when offline (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise LoraTuneError(f"model '{repo_id}' is not in the Hugging Face cache and cannot be downloaded here "
+                            "(offline); download it once on a connected machine (unset HF_HUB_OFFLINE), or give a "
+                            "local model directory") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise LoraTuneError(f"model '{repo_id}' cannot be fetched from the Hugging Face hub ({_first_line(e)}); "
+                            "check the id (owner/name) and your access, or give a local model directory") from None
 
 
 def _check_gguf(gguf: Path) -> None:

@@ -247,3 +247,17 @@ def test_peft_automodel_loads_an_adapter_on_the_bundled_models_converted_copy(tm
         want = lm(input_ids=x).logits
         got = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()(input_ids=x).logits
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_quickstart_summary_labels_a_hit_and_a_miss(capsys):
+    from loratune.cli.quickstart import print_exact_match
+
+    def em(*matches):
+        rows = [{"prompt": "p", "reference": f"ref{i}", "prediction": f"ref{i}" if m else f"bad{i}", "match": m}
+                for i, m in enumerate(matches)]
+        return {"exact_match": sum(matches) / len(matches), "examples": sorted(rows, key=lambda e: e["match"])}
+
+    print_exact_match(em(False, False), em(True, False, True))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == ["  base model     0.0%", "      hit   (none)", "      miss  'bad0', expected 'ref0'",
+                         "  with LoRA     66.7%", "      hit   'ref0'", "      miss  'bad1', expected 'ref1'"]

@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="loratune", description="LoRA fine-tuning: train, evaluate, merge, serve.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config",
@@ -45,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
     e.add_argument("--batch-size", type=_positive, default=32)
     e.add_argument("--max-new-tokens", type=_positive, default=32)
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table (always valid: no NaN)")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--no-base", action="store_true", help="evaluate only base+adapter (the base is not run)")
+    which.add_argument("--base-only", action="store_true", help="evaluate only the base model")
+    e.add_argument("--show", type=_count, default=0, metavar="N", help="print N examples, misses first")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     _device_args(e)
 
     g = sub.add_parser("generate", help="complete one prompt with an adapter")
@@ -54,13 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="base model (default: the adapter's)")
     g.add_argument("--max-new-tokens", type=_positive, default=128)
     g.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
+    _generation_args(g)
     _device_args(g)
 
-    c = sub.add_parser("chat", help="interactive chat with an adapter (empty line or Ctrl-D quits)")
+    c = sub.add_parser("chat", help="interactive chat with an adapter (/reset, /system TEXT, /exit)")
     c.add_argument("--adapter", help="adapter directory")
     c.add_argument("--model", help="base model (default: the adapter's)")
     c.add_argument("--max-new-tokens", type=_positive, default=256)
     c.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
+    _generation_args(c)
     _device_args(c)
 
     m = sub.add_parser("merge", help="merge an adapter into its base and save an HF model",
@@ -82,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
     _device_args(q, dtype_default=None)
 
+    i = sub.add_parser("info", help="what an adapter directory holds: base, rank, size, training run",
+                       description="Describe an adapter (loratune's or PEFT's): base model, rank/alpha/targets, "
+                                   "variant, parameters, file size, the run that made it, its system prompt.")
+    i.add_argument("adapter", metavar="DIR")
+    i.add_argument("--model", help="also check that the adapter loads on this base model")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
     from . import compose, export, serve  # their parsers only: each command's work is imported when it runs
 
     serve.add_parser(sub)
@@ -97,6 +112,53 @@ def _device_args(p: argparse.ArgumentParser, dtype_default: str | None = "float3
     p.add_argument("--dtype", default=dtype_default, choices=("auto", "float32", "bfloat16", "float16"),
                    help="the base model's precision (auto: bfloat16 where the device does it fast); adapters stay "
                         f"float32 (default: {dtype_default or 'the config: model.dtype'})")
+
+
+def _version() -> str:
+    """``loratune X (torch Y, transformers Z)`` from the installed packages' metadata (nothing imported)."""
+    from importlib import metadata
+
+    def of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"loratune {of('loratune')} (torch {of('torch')}, transformers {of('transformers')}, peft {of('peft')})"
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """Sampling and output flags of generate and chat (greedy unless a temperature, top-p or top-k is given)."""
+    p.add_argument("--temperature", type=_number(0.0, None), help="sample at this temperature (0: greedy)")
+    p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), help="nucleus sampling: 0 < p ≤ 1")
+    p.add_argument("--top-k", type=_positive, help="sample from the k likeliest tokens")
+    p.add_argument("--repetition-penalty", type=_number(0.0, None, low_open=True), help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, help="seed for sampling (same seed, same output)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer when done, not token by token")
+
+
+def _number(low: float, high: float | None, low_open: bool = False):
+    """argparse type: a finite number in [low, high] (low excluded when ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = value == value and value not in (float("inf"), float("-inf")) and (value > low if low_open
+                                                                                 else value >= low)
+        if not ok or (high is not None and value > high):
+            span = f"{'>' if low_open else '≥'} {low:g}" + ("" if high is None else f" and ≤ {high:g}")
+            raise argparse.ArgumentTypeError(f"must be a number {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number ≥ 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -154,6 +216,8 @@ def _command(name: str):
         from . import infer
 
         command = {"eval": infer.cmd_eval, "generate": infer.cmd_generate, "chat": infer.cmd_chat}[name]
+    elif name == "info":
+        from .info import cmd_info as command
     elif name == "merge":
         from .merge import cmd_merge as command
     elif name == "serve":

@@ -60,16 +60,23 @@ def run_quickstart(out: Path, overrides: list[str] = (), progress: bool = True, 
     save_merged(result.model, tok, out / "merged", dtype=dtype if dtype != torch.float32 else None)
 
     print_summary(result.history, result.seconds, result.adapter_dir)
-    print("\nheld-out exact match (ISO dates)")
-    print(f"  base model   {before['exact_match']:6.1%}   e.g. {before['samples'][0]['prediction']!r} "
-          f"for {before['samples'][0]['reference']!r}")
-    print(f"  with LoRA    {after['exact_match']:6.1%}   e.g. {after['samples'][0]['prediction']!r} "
-          f"for {after['samples'][0]['reference']!r}")
+    print_exact_match(before, after)
     print(f"\nadapter:      {result.adapter_dir}\nmerged model: {out / 'merged'}\n"
           f"loss curve:   {out / 'loss_curve.png'}\ntotal time:   {time.time() - t0:.0f} s")
     eval_loss = next((h["eval_loss"] for h in reversed(result.history) if "eval_loss" in h), None)
     return {"before": before["exact_match"], "after": after["exact_match"], "eval_loss": eval_loss,
             "seconds": time.time() - t0, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def print_exact_match(before: dict, after: dict) -> None:
+    """The summary's exact-match lines: each model's share, with one hit and one miss labelled as such."""
+    print("\nheld-out exact match (ISO dates)")
+    for label, em in (("base model", before), ("with LoRA", after)):
+        print(f"  {label:12s} {em['exact_match']:6.1%}")
+        for kind, match in (("hit", True), ("miss", False)):
+            e = next((e for e in em["examples"] if e["match"] is match), None)
+            print(f"      {kind:4s}  " + ("(none)" if e is None else
+                                         f"{e['prediction']!r}" + ("" if match else f", expected {e['reference']!r}")))
 
 
 def cmd_quickstart(args) -> int:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +51,27 @@ def eval_loss(model: nn.Module, examples: Sequence, pad_id: int, batch_size: int
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32) -> list[str]:
-    """Greedy completions of tokenized prompts (left-padded into one batch), decoded without specials."""
+def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32,
+                   streamer=None, **sampling) -> list[str]:
+    """Completions of tokenized prompts (left-padded into one batch, KV cache on, each row stopping at its own end
+    token), decoded without specials. Greedy unless ``sampling`` holds ``do_sample=True`` and transformers'
+    sampling options (temperature, top_p, top_k, repetition_penalty); ``streamer`` gets tokens as they come."""
     pad = tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
     device = model_device(model)
     input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = {"do_sample": False, **sampling}
+    if not sampling["do_sample"]:  # no sampling knobs on a greedy call (transformers warns about them)
+        sampling = {k: v for k, v in sampling.items() if k in ("do_sample", "repetition_penalty")}
     out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad, eos_token_id=_stop_ids(tokenizer))
+                         pad_token_id=pad, eos_token_id=stop_ids(tokenizer), use_cache=True, streamer=streamer,
+                         **sampling)
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a generation: the tokenizer's EOS and the chat end tokens it knows."""
     ids = {tokenizer.eos_token_id}
     for tok in END_TOKENS:
         tid = tokenizer.convert_tokens_to_ids(tok)
@@ -71,23 +80,56 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def exact_match(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
-                max_new_tokens: int = 32) -> dict:
-    """Share of rows with a reference whose greedy answer equals it (surrounding whitespace stripped)."""
+@contextlib.contextmanager
+def merged_for_generation(model: nn.Module) -> Iterator[bool]:
+    """Inside the block, a LoraModel's active adapters are folded into the base weights (generation then costs what
+    the merged model's does: no LoRA products per token), and unfolded on exit (W0 + ΔW − ΔW: equal to W0 up to
+    float rounding). Yields whether it merged: a plain model, adapters off or already merged, or a base that
+    refuses merging (4-bit) is left as it is."""
+    layers = list(model.lora_layers()) if hasattr(model, "lora_layers") else []
+    usable = bool(layers) and all(not layer.merged and not layer.disabled and not hasattr(layer.base_layer,
+                                                                                         "add_to_weight")
+                                  for _, layer in layers)
+    if usable:
+        model.merge_adapter()
+    try:
+        yield usable
+    finally:
+        if usable:
+            model.unmerge_adapter()
+
+
+def exact_match(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32, max_new_tokens: int = 32,
+                progress: bool = False, desc: str = "exact match", merge: bool = True) -> dict:
+    """Share of rows with a reference whose greedy answer equals it (surrounding whitespace stripped).
+
+    Rows are generated ``batch_size`` at a time, sorted by prompt length (less padding), with the adapters merged
+    for the duration (``merged_for_generation``; ``merge=False`` keeps them unmerged). ``progress`` shows a tqdm
+    bar with its ETA on stderr. Returns ``exact_match`` (None without references), ``n``, ``samples`` (the first
+    5 rows) and ``examples`` (every row, misses first, each with its prompt, reference, prediction and match).
+    """
+    from tqdm.auto import tqdm
+
     rows = [e for e in examples if getattr(e, "reference", None) is not None]
     if not rows:
-        return {"exact_match": None, "n": 0, "samples": []}
+        return {"exact_match": None, "n": 0, "samples": [], "examples": []}
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))  # similar lengths, less padding
     answers: dict[int, str] = {}
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        for j, text in zip(chunk, generate_batch(model, tokenizer, [rows[j].prompt_ids for j in chunk],
-                                                 max_new_tokens)):
-            answers[j] = text
-    model.train(was_training)
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        with merged_for_generation(model) if merge else contextlib.nullcontext():
+            for i in range(0, len(order), batch_size):
+                chunk = order[i:i + batch_size]
+                texts = generate_batch(model, tokenizer, [rows[j].prompt_ids for j in chunk], max_new_tokens)
+                answers.update(zip(chunk, texts))
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
     hits = [answers[i].strip() == rows[i].reference.strip() for i in range(len(rows))]
-    samples = [{"reference": rows[i].reference, "prediction": answers[i].strip(), "match": hits[i]}
-               for i in range(min(5, len(rows)))]
-    return {"exact_match": sum(hits) / len(rows), "n": len(rows), "samples": samples}
+    every = [{"prompt": tokenizer.decode(rows[i].prompt_ids, skip_special_tokens=True), "reference": rows[i].reference,
+              "prediction": answers[i].strip(), "match": hits[i]} for i in range(len(rows))]
+    return {"exact_match": sum(hits) / len(rows), "n": len(rows), "samples": every[:5],
+            "examples": sorted(every, key=lambda e: e["match"])}  # (stable: misses first, in file order)
