@@ -271,6 +271,36 @@ def build_models(cfg: dict, args, routed_floor: bool = False):
     return base, lt, pm, fused_floor
 
 
+def compile_decoder_layers(model) -> int:
+    """torch.compile (inductor) on each decoder layer of ``model`` (a transformers model, or loratune's or PEFT's
+    wrapper of one), as ``train.compile`` does; returns how many."""
+    hf = next((m for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
+    names = set(hf._no_split_modules) if hf is not None else set()
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    for layer in layers:
+        layer.compile(backend="inductor")
+    return len(layers)
+
+
+def fp32_twin(lt, cfg: dict, args):
+    """loratune's model on an fp32 copy of the base with ``lt``'s adapter weights (for ``--dtype`` other than fp32:
+    the same step in fp32, timed in the same run)."""
+    import argparse as _argparse
+
+    from loratune import LoraConfig, get_lora_model
+    from loratune.adapters.state import adapter_tensors
+
+    twin = get_lora_model(load_model(_argparse.Namespace(**{**vars(args), "dtype": "float32"})),
+                          LoraConfig(**cfg, init_lora_weights=False))
+    src = adapter_tensors(lt.model, lt.peft_config["default"], "default")
+    dst = adapter_tensors(twin.model, twin.peft_config["default"], "default")
+    with torch.no_grad():
+        for k, v in src.items():
+            dst[k].copy_(v)
+    twin.train()
+    return twin
+
+
 def _adapter_grads(lt, pm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The A/B gradients of loratune's model and of PEFT's, in the same order (PEFT file keys)."""
     from loratune.adapters.state import adapter_tensors
@@ -397,6 +427,9 @@ def bench_config(name: str, cfg: dict, args) -> dict:
     vocab = base.config.vocab_size
     small = make_batch(args.batch, args.seq, vocab, device=args.device)
     same = check_same_function(lt, pm, small)
+    if getattr(args, "compile", False):  # every contestant's decoder layers compiled (warm-up pays the compile)
+        for m in (base, lt, pm, fused_floor, *routed):
+            compile_decoder_layers(m)
     steps = {"floor": (floor_step, base), "floor_chunked": (floor_chunked_step, base),
              "floor_fused": (floor_chunked_step, fused_floor), "loratune": (loratune_step, lt),
              "peft": (peft_step, pm)}
@@ -405,6 +438,15 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         steps[f"loratune_{other_route()}"] = (on_route(loratune_step, other_route()), lt)
     if torch.device(args.device).type == "cpu":
         steps.update({k: (without_kernel(loratune_step, which), lt) for k, which in KERNEL_CONTESTANTS.items()})
+    lt32 = None
+    if args.dtype != "float32":  # loratune's own step in fp32 on the same weights: what bf16 earns
+        lt32 = fp32_twin(lt, cfg, args)
+        if getattr(args, "compile", False):
+            compile_decoder_layers(lt32)
+        steps["loratune_fp32"] = (loratune_step, lt32)
+    if getattr(args, "core", False):  # only floor, loratune (and its fp32 step) and PEFT: a short run
+        steps = {k: v for k, v in steps.items() if k in ("floor", "loratune", "loratune_fp32", "peft")}
+        routes = False
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step, model in steps.values():  # warm-up
         timed(step, model, small, args.device, args.inner)
@@ -426,7 +468,11 @@ def bench_config(name: str, cfg: dict, args) -> dict:
                   ("loratune_onednn", "floor"), ("loratune_onednn", "peft"), ("loratune_mkl", "floor"),
                   ("loratune_mkl", "peft"), ("floor_onednn", "floor_fused")]
     pairs += [("loratune", k) for k in KERNEL_CONTESTANTS if k in steps]
+    if lt32 is not None:
+        pairs += [("loratune", "loratune_fp32"), ("loratune_fp32", "peft"), ("loratune_fp32", "floor")]
+    pairs = [(a, b) for a, b in pairs if a in times and b in times]
     spread = [("loratune", "floor"), ("loratune", "peft")] + ([("loratune_onednn", "floor_onednn")] if routes else [])
+    spread += [("loratune", "loratune_fp32")] if lt32 is not None else []
     out = {
         "config": name, "lora": cfg, "tokens": f"{args.batch}x{args.seq}", "loss_diff_vs_peft": same["loss_diff"],
         "grad_rel_diff_vs_peft": same["grad_rel_diff"],
@@ -436,7 +482,7 @@ def bench_config(name: str, cfg: dict, args) -> dict:
         "quartiles": {f"{a}_over_{b}": ratio_spread(times[a], times[b]) for a, b in spread},
         "ratio_of_medians": {f"{a}_over_{b}": med[a] / med[b] for a, b in pairs[:2] + pairs[3:4]},
     }
-    del base, lt, pm, fused_floor, routed
+    del base, lt, pm, fused_floor, routed, lt32
     gc.collect()
     return out
 
@@ -531,13 +577,14 @@ def print_table(results: list[dict]) -> None:
     a column whose contestant did not run is left out)."""
     cols = [("floor ms", "floor"), ("fl_chk ms", "floor_chunked"), ("fl_fus ms", "floor_fused"),
             ("fl_dnn ms", "floor_onednn"),
-            ("lt ms", "loratune"), ("peft ms", "peft")]
+            ("lt ms", "loratune"), ("lt32 ms", "loratune_fp32"), ("peft ms", "peft")]
     ratios = [("lt/floor", "loratune_over_floor"), ("lt/peft", "loratune_over_peft"),
               ("lt/fl_fus", "loratune_over_floor_fused"), ("fl_fus/fl", "floor_fused_over_floor"),
               ("dnn/fl", "loratune_onednn_over_floor"), ("dnn/peft", "loratune_onednn_over_peft"),
               ("mkl/fl", "loratune_mkl_over_floor"), ("mkl/peft", "loratune_mkl_over_peft"),
               ("dnn/fl_dnn", "loratune_onednn_over_floor_onednn"), ("mkl/fl_fus", "loratune_mkl_over_floor_fused"),
               ("fl_dnn/fl_fus", "floor_onednn_over_floor_fused"), ("peft/fl", "peft_over_floor"),
+              ("lt/lt_fp32", "loratune_over_loratune_fp32"), ("lt_fp32/peft", "loratune_fp32_over_peft"),
               ("lt/no_blocks", "loratune_over_loratune_no_blocks"),
               ("lt/no_dropout_k", "loratune_over_loratune_no_dropout_kernel")]
     first = results[0]
@@ -592,6 +639,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attribution", action="store_true",
                     help="also split loratune's overhead: r=1 vs r=16, dropout 0 vs 0.05, against the chunked floor")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here ('-' for stdout)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every contestant's decoder layers (as train.compile does)")
+    ap.add_argument("--core", action="store_true",
+                    help="time only floor, loratune (and with --dtype bfloat16 its fp32 step) and PEFT: a short run")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1 (medians need a timing)")
