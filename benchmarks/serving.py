@@ -8,8 +8,9 @@ Parts (``--parts``, default all three):
   - ``base``:  the plain transformers model (the issue's "base forward");
   - ``floor``: the same with loratune's fused RMSNorm/SwiGLU (``ops.accelerate``; loratune at rank 0);
   - ``peft``:  PEFT's ``adapter_names=`` mixed batch with the same N adapters loaded;
-  - ``mixed``: loratune's serving path (``AdapterRegistry`` stacked slots, a per-call ``MixedBatch``).
-  All four on one copy of the base weights, interleaved with the order alternating; each ratio is the median over
+  - ``mixed``: loratune's serving path (``AdapterRegistry`` stacked slots, a per-call ``MixedBatch``);
+  - ``v1``:    the same with the first design's paths only (``registry.batch(..., fast=False)``).
+  All five on one copy of the base weights, interleaved with the order alternating; each ratio is the median over
   repeats of the ratio within a repeat, with its quartiles.
 * ``swap``: adapter load time (safetensors read + checks + scaling folded into B, host memory) and slot-swap time
   (copying a host adapter into the stacked slots), in ms, median over the adapters.
@@ -20,7 +21,8 @@ Parts (``--parts``, default all three):
   adapters under static batching and one request at a time (sequential; bounded by ``--time-limit``). Every answer
   is compared with its adapter's offline greedy generation (loratune's ``LoraModel`` with that one adapter,
   transformers' ``generate``, one prompt at a time), and the share of answers that differ from the base model's
-  shows that the adapters matter.
+  shows that the adapters matter. ``--designs v1,v2`` runs each scenario on both server designs (v1: the first
+  design, one-at-a-time prefill and v1 mixed paths; v2: the current one), alternating which goes first.
 
     python benchmarks/serving.py --json serving.json                     # everything, the documented sizes
     python benchmarks/serving.py --parts forward --repeats 7
@@ -66,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-cpu-loras", type=int, default=32, help="host-memory LRU of the served model")
     ap.add_argument("--time-limit", type=float, default=180.0, help="seconds per scenario before no new request")
     ap.add_argument("--scenarios", default="8,1,many,static,sequential")
+    ap.add_argument("--designs", default="v2", help="server designs per load scenario: v2, v1 or v1,v2")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads here and in the server (1: on a shared, loaded VM the thread pool's waits "
                          "swamp the measurement)")
@@ -87,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--parts: unknown {sorted(set(args.parts) - {'forward', 'swap', 'load'})}")
     if set(args.scenarios) - {"8", "1", "many", "static", "sequential"}:
         ap.error("--scenarios: choose from 8, 1, many, static, sequential")
+    args.designs = args.designs.split(",")
+    if not args.designs or set(args.designs) - {"v1", "v2"}:
+        ap.error("--designs: v1, v2 or v1,v2")
     return args
 
 
@@ -136,16 +142,18 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
 
 
 # --- part 1: the mixed-batch forward -------------------------------------------------------------------------
-def contestants(base, floor, lt_model, pm, x, names, batch) -> dict:
-    """One forward of each contestant on batch ``x`` (``names``: each row's adapter; ``batch``: the same as slots)."""
+def contestants(base, floor, lt_model, pm, x, names, batch, batch_v1) -> dict:
+    """One forward of each contestant on batch ``x`` (``names``: each row's adapter; ``batch``: the same as slots,
+    ``batch_v1`` the same with the first design's paths)."""
     from loratune.adapters.batch import mixed_batch
 
-    def run_mixed():
-        with mixed_batch(batch):
+    def run(b):
+        with mixed_batch(b):
             return lt_model(input_ids=x).logits
 
     return {"base": lambda: base(input_ids=x).logits, "floor": lambda: floor(input_ids=x).logits,
-            "peft": lambda: pm(input_ids=x, adapter_names=names).logits, "mixed": run_mixed}
+            "peft": lambda: pm(input_ids=x, adapter_names=names).logits, "mixed": lambda: run(batch),
+            "v1": lambda: run(batch_v1)}
 
 
 def bench_forward(args, dirs: list[Path]) -> list[dict]:
@@ -173,10 +181,13 @@ def bench_forward(args, dirs: list[Path]) -> list[dict]:
             k = min(n, rows)
             names = [dirs[i % k].name for i in range(rows)]
 
-            runs = contestants(base, floor, lt_model, pm, x, names, reg.batch([slots[nm] for nm in names]))
+            row_slots = [slots[nm] for nm in names]
+            runs = contestants(base, floor, lt_model, pm, x, names, reg.batch(row_slots),
+                               reg.batch(row_slots, fast=False))
             with torch.inference_mode():
-                got_peft, got_mixed = runs["peft"](), runs["mixed"]()  # warm-up, and the two agree
+                got_peft, got_mixed, got_v1 = runs["peft"](), runs["mixed"](), runs["v1"]()  # warm-up; they agree
                 err = float((got_mixed - got_peft).norm() / got_peft.norm())
+                err_v1 = float((got_mixed - got_v1).norm() / got_v1.norm())
                 times = {name: [] for name in runs}
                 order = list(runs)
                 for rep in range(args.repeats):
@@ -185,6 +196,8 @@ def bench_forward(args, dirs: list[Path]) -> list[dict]:
                         runs[name]()
                         times[name].append(time.perf_counter() - t0)
             row = {"rows": rows, "tokens": tokens, "adapters": k, "peft_vs_mixed_rel_err": err,
+                   "v1_vs_mixed_rel_err": err_v1, "v1/base": paired(times["v1"], times["base"]),
+                   "mixed/v1": paired(times["mixed"], times["v1"]),
                    "ms": {name: 1000 * statistics.median(t) for name, t in times.items()},
                    "mixed/base": paired(times["mixed"], times["base"]),
                    "mixed/floor": paired(times["mixed"], times["floor"]),
@@ -201,8 +214,8 @@ def _forward_line(r: dict) -> str:
         return f"{m:.3f} [{q1:.2f}-{q3:.2f}]"
 
     return (f"| {r['rows']}x{r['tokens']} | {r['adapters']} | {r['ms']['base']:.0f} | {r['ms']['mixed']:.0f} | "
-            f"{r['ms']['peft']:.0f} | {f('mixed/base')} | {f('mixed/floor')} | {f('mixed/peft')} | {f('peft/base')} "
-            f"| {r['peft_vs_mixed_rel_err']:.1e} |")
+            f"{r['ms']['v1']:.0f} | {r['ms']['peft']:.0f} | {f('mixed/base')} | {f('v1/base')} | {f('mixed/v1')} | "
+            f"{f('mixed/floor')} | {f('mixed/peft')} | {f('peft/base')} | {r['peft_vs_mixed_rel_err']:.1e} |")
 
 
 # --- part 2: load and swap times ------------------------------------------------------------------------------
@@ -267,9 +280,9 @@ def offline_answers(args, pairs: set[tuple[str | None, str]], dirs: dict[str, Pa
 
 
 def scenario(args, name: str, names: list[str], flags: list[str], policy: str, work: Path, dirs: dict[str, Path],
-             cache: dict) -> dict:
+             cache: dict, design: str = "v2") -> dict:
     jobs = [(names[j % len(names)], PROMPTS[(j // len(names) + j) % len(PROMPTS)]) for j in range(args.requests)]
-    proc, url = start_server(args, [*flags, "--policy", policy], work / f"server-{name}.log")
+    proc, url = start_server(args, [*flags, "--policy", policy], work / f"server-{name}-{design}.log", design)
     try:
         import httpx
 
@@ -293,7 +306,8 @@ def scenario(args, name: str, names: list[str], flags: list[str], policy: str, w
         return v[min(len(v) - 1, int(q * len(v)))]
 
     counters = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")}
-    out = {"scenario": name, "policy": policy, "registered": len(names), "sent": len(done), "ok": len(ok),
+    out = {"scenario": name, "design": design, "policy": policy, "registered": len(names), "sent": len(done),
+           "ok": len(ok),
            "errors": len(done) - len(ok), "differ_from_offline": len(differ), "differ_from_base": not_base,
            "wall_s": wall, "req_per_s": len(ok) / wall, "tok_per_s": tokens / wall, "tokens": tokens,
            "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99), "ttft_p50_ms": 1000 * pct(ttft, 0.5),
@@ -305,7 +319,8 @@ def scenario(args, name: str, names: list[str], flags: list[str], policy: str, w
 
 
 def _load_line(r: dict) -> str:
-    return (f"| {r['scenario']} | {r['policy']} | {r['registered']} | {r['ok']}/{r['sent']} | {r['errors']} | "
+    return (f"| {r['scenario']} | {r['design']} | {r['policy']} | {r['registered']} | {r['ok']}/{r['sent']} | "
+            f"{r['errors']} | "
             f"{r['differ_from_offline']} | {r['differ_from_base']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
             f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
             f"{r['adapter_loads']:.0f} | {r['adapter_swaps']:.0f} |")
@@ -323,19 +338,22 @@ def bench_load(args, work: Path, dirs: list[Path]) -> list[dict]:
              "sequential": ("sequential", eight, adapter_flags(eight))}
     cache: dict = {}
     out = []
-    for name in args.scenarios:
+    for i, name in enumerate(args.scenarios):
         policy, names, flags = plans[name]
         label = f"{args.many} adapters" if name == "many" else name if name in ("static", "sequential") \
             else f"{name} adapter{'s' * (name != '1')}"
-        out.append(scenario(args, label, names, [*common, *flags], policy, work, by_name, cache))
+        for design in args.designs if i % 2 == 0 else args.designs[::-1]:  # alternate which design goes first
+            out.append(scenario(args, label, names, [*common, *flags], policy, work, by_name, cache, design))
     return out
 
 
-LOAD_HEADER = ("| scenario | policy | registered | answered/sent | errors | differ from offline | differ from base | "
+LOAD_HEADER = ("| scenario | design | policy | registered | answered/sent | errors | differ from offline | "
+               "differ from base | "
                "req/s | tok/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | adapter loads | slot swaps |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-FORWARD_HEADER = ("| rows x tokens | adapters | base ms | mixed ms | PEFT ms | mixed/base | mixed/floor | mixed/PEFT | "
-                  "PEFT/base | mixed vs PEFT rel. diff |\n|---|---|---|---|---|---|---|---|---|---|")
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+FORWARD_HEADER = ("| rows x tokens | adapters | base ms | mixed ms | v1 ms | PEFT ms | mixed/base | v1/base | mixed/v1 "
+                  "| mixed/floor | mixed/PEFT | PEFT/base | mixed vs PEFT rel. diff |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:

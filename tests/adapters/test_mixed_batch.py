@@ -217,3 +217,62 @@ def test_deepcopy_and_training_still_work():
     loss.backward()
     grads = [p.grad for n, p in lm2.named_parameters() if ".adapters.a." in n and p.requires_grad]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _stacked_batch(lm, names, slots, **kw):
+    stacks, ranks = _stacks_from(lm, names)
+
+    def factors(layer, slot):
+        r = ranks.get((id(layer), slot))
+        if r is None:
+            return None
+        A, B = stacks[id(layer)]
+        return Factors(A[slot, :r], B[slot, :, :r])
+
+    return MixedBatch(slots, factors, [m for _, m in lm.lora_layers()], stacks=lambda m: stacks[id(m)], **kw)
+
+
+@pytest.mark.parametrize("slots, onehot_max, path", [
+    ([2, 2, 2, 2], 8, "single"),                # one adapter on every row: no gather, no scatter
+    ([3, None, 1, 3, 2, None, 1], 8, "onehot"),  # a few adapters and base rows at decode shapes
+    ([3, 1, 2, 1, 3, 2], 1, "gathered"),        # more adapters than ONEHOT_MAX, all rows adapted: in-place bmms
+    ([3, None, 1, 2], 1, "general"),            # more than ONEHOT_MAX with base rows: the first design's path
+])
+def test_fast_paths_equal_the_first_design_and_single_models(slots, onehot_max, path, monkeypatch):
+    import loratune.adapters.batch as batch_mod
+
+    monkeypatch.setattr(batch_mod, "ONEHOT_MAX", onehot_max)
+    lm = _three_adapters(tiny_llama())
+    names = ["a", "b", "c"]
+    x = ids(batch=len(slots), seq=1)
+    singles = _singles(lm, x, names)
+    outs = {}
+    for fast in (True, False):
+        batch = _stacked_batch(lm, names, slots, fast=fast, cache_bytes=2**30)
+        with torch.no_grad(), mixed_batch(batch):
+            outs[fast] = lm.model(input_ids=x).logits
+            again = lm.model(input_ids=x).logits  # a second call reuses the batch's cached concatenations
+        assert torch.equal(again, outs[fast])
+        assert set(batch.paths) == ({path} if fast else {"general"})
+    assert rel_err(outs[True], outs[False]) <= TOL
+    for i, slot in enumerate(slots):
+        want = singles[BASE if slot is None else names[slot - 1]][i]
+        if slot is None:
+            assert torch.equal(outs[True][i], want)  # base rows stay exact on every path
+        else:
+            assert rel_err(outs[True][i], want) <= TOL, i
+
+
+def test_concatenated_factors_are_cached_within_the_memory_bound():
+    A, B = torch.randn(4, 2, 6), torch.randn(4, 5, 2)
+    layer = torch.nn.Linear(6, 5)
+    keys = [3, 1, None, 3]
+    roomy = MixedBatch(keys, lambda m, k: None, [layer], stacks=lambda m: (A, B), cache_bytes=2**20)
+    Ac, Bc = roomy.concatenated(layer, A, B)
+    assert roomy.distinct == [3, 1]
+    assert torch.equal(Ac, torch.cat([A[3], A[1]])) and torch.equal(Bc, torch.cat([B[3].t(), B[1].t()]))
+    assert roomy.concatenated(layer, A, B)[0] is Ac  # kept
+    tight = MixedBatch(keys, lambda m, k: None, [layer], stacks=lambda m: (A, B), cache_bytes=10)
+    assert tight.concatenated(layer, A, B)[0] is not tight.concatenated(layer, A, B)[0]  # over the bound: not kept
+    assert torch.equal(roomy.slot_mask(torch.device("cpu"), torch.float32)[:, :, 0],
+                       torch.tensor([[1.0, 0], [0, 1], [0, 0], [1, 0]]))

@@ -13,6 +13,7 @@ This module sits below ``adapters.layers`` (which imports it) and imports nothin
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -52,6 +53,7 @@ class MixedBatch:
         self.keys = tuple(keys)
         self.fast, self.cache_bytes = fast, cache_bytes
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.paths: Counter[str] = Counter()  # layer calls per path taken: single, onehot, gathered, general
         self._cached = 0
         self._mask: dict[tuple, torch.Tensor] = {}
         self._rows: dict[torch.device, torch.Tensor] = {}
@@ -181,6 +183,7 @@ def add_mixed_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, bat
         done = _fast_terms(layer, x, result, batch, lora_term, linear)
         if done is not None:
             return done
+    batch.paths["general"] += 1
     xs = x.index_select(0, order)
     stacks = batch.stacks(layer) if batch.stacks is not None and linear else None
     if stacks is not None and batch.prefer_gathered(xs[0].numel() // x.shape[-1]):
@@ -223,6 +226,7 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
     """
     inplace = not (result.requires_grad or x.requires_grad)
     if len(batch.distinct) == 1 and batch.all_adapted:
+        batch.paths["single"] += 1
         f = batch.factors(layer, batch.distinct[0])
         if f is None:
             return result
@@ -241,6 +245,7 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
         return None
     n = x.shape[0]
     if len(batch.distinct) <= ONEHOT_MAX:
+        batch.paths["onehot"] += 1
         Ac, Bc = batch.concatenated(layer, A, B)
         r = A.shape[1]
         u = (x.reshape(n, tokens, -1) @ Ac.t()).view(n, tokens, len(batch.distinct), r)
@@ -249,6 +254,7 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
         return out2.addmm_(u.view(n * tokens, -1), Bc).view_as(result)
     if not batch.all_adapted:
         return None
+    batch.paths["gathered"] += 1
     slots = batch.row_slots(x.device)
     u = torch.bmm(x.reshape(n, tokens, -1), A.index_select(0, slots).transpose(1, 2))
     out3 = result.view(n, tokens, -1)
