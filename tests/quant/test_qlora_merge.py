@@ -147,3 +147,19 @@ def test_forced_merge_report_gives_one_warning_with_the_model_output_error():
         with forced_merge_report(tiny_llama()):
             pass
     assert len([w for w in caught if "NF4" in str(w.message)]) == 1
+
+
+def test_merge_adapter_with_force_gives_one_model_wide_warning_by_itself():
+    model = _trained_size_qlora()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_adapter(force=True)  # no forced_merge_report around it: LoraModel wraps its own loop
+    notes = [str(w.message) for w in caught if "NF4" in str(w.message)]
+    assert len(notes) == 1 and "14 NF4 linear" in notes[0] and "full-precision merge's by" in notes[0], notes
+
+
+def test_a_target_kept_in_full_precision_is_refused_from_python_too():
+    base = quantize_model(tiny_llama(), skip_modules=["q_proj"])
+    with pytest.raises(LoraTuneError) as e:
+        get_lora_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert "q_proj" in str(e.value) and "quantize_skip_modules" in str(e.value) and "\n" not in str(e.value)

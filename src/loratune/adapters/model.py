@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import ops
+from .. import ops, quant
 from ..errors import AdapterFileError, ConfigError, LoraTuneError
 from . import files, state, variants
 from .batch import BASE, MixedBatch, adapter_factors, mixed_batch
@@ -60,6 +60,9 @@ class LoraModel(nn.Module):
         if not adapter_name or "." in adapter_name or adapter_name == BASE:
             raise ConfigError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots")
         config = dataclasses.replace(config)  # our own copy: injection fills in targets
+        q = quant.quantization_settings(self.model)
+        if q is not None:  # a module kept in full precision on purpose cannot also be an adapter target
+            quant.check_skip_vs_targets(q["quantize_skip_modules"], config.target_modules)
         if config.target_modules == "all-linear":
             config.target_modules = all_linear_targets(self.model, wrapped=(LoraLayer, ModulesToSave))
         if config.task_type == "SEQ_CLS":  # as PEFT: a classifier's fresh head must be trained and saved
@@ -226,8 +229,10 @@ class LoraModel(nn.Module):
         4-bit base is refused unless ``force`` (``quant.dequantize_model`` first merges into full precision)."""
         names = adapter_names or self.active_adapters
         self._check_names(names)
-        for _, layer in self.lora_layers():
-            layer.merge([n for n in names if n in layer.adapters], safe_merge=safe_merge, force=force)
+        # a forced merge into 4 bits: one warning with the merged model's measured output error, not one per layer
+        with quant.forced_merge_report(self.model) if force else contextlib.nullcontext():
+            for _, layer in self.lora_layers():
+                layer.merge([n for n in names if n in layer.adapters], safe_merge=safe_merge, force=force)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
