@@ -52,11 +52,11 @@ class MixedBatch:
                  cache_bytes: int = 0):
         self.keys = tuple(keys)
         self.fast, self.cache_bytes = fast, cache_bytes
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: dict[int, list] = {}
         self.paths: Counter[str] = Counter()  # layer calls per path taken: single, onehot, gathered, general
         self._cached = 0
         self._mask: dict[tuple, torch.Tensor] = {}
-        self._rows: dict[torch.device, torch.Tensor] = {}
         self.factors, self.stacks, self.copies = factors, stacks, copies
         self.layers = frozenset(id(m) for m in layers)
         groups: dict[Hashable, list[int]] = {}
@@ -92,12 +92,6 @@ class MixedBatch:
         return len(self.segments) > 1 and (tokens_per_row >= 8 or 2 * len(self.segments) > n)
 
 
-    def row_slots(self, device: torch.device) -> torch.Tensor:
-        """Every row's key as an integer tensor, in row order (stacked keys; all rows adapted)."""
-        if device not in self._rows:
-            self._rows[device] = torch.tensor(self.keys, dtype=torch.long, device=device)
-        return self._rows[device]
-
     def slot_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(rows, distinct adapters, 1): 1 where a row uses that adapter (segments' order), 0 elsewhere (base rows:
         all 0)."""
@@ -109,19 +103,36 @@ class MixedBatch:
             self._mask[key] = mask.to(device)
         return self._mask[key]
 
-    def concatenated(self, layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's distinct adapters' factors of ``layer`` side by side: (n·r, in) and (n·r, out); kept for the
-        batch's later calls (the engine reuses a batch over decode steps while its rows keep their slots) while the
-        total stays under ``cache_bytes``."""
-        hit = self._cache.get(id(layer))
+    def groups(self, size: int) -> list[tuple[tuple, int, int, torch.Tensor]]:
+        """The segments in groups of at most ``size`` adapters: (their keys, first and last+1 position in the grouped
+        row order, a (rows, keys, 1) 0/1 mask of which key each of those rows uses)."""
+        if size not in self._groups:
+            out = []
+            for g in range(0, len(self.segments), size):
+                segs = self.segments[g:g + size]
+                start, stop = segs[0][1], segs[-1][2]
+                mask = torch.zeros(stop - start, len(segs), 1)
+                for j, (_, a, b) in enumerate(segs):
+                    mask[a - start:b - start, j] = 1
+                out.append((tuple(k for k, _, _ in segs), start, stop, mask))
+            self._groups[size] = out
+        return self._groups[size]
+
+    def concatenated(self, layer: nn.Module, A: torch.Tensor, B: torch.Tensor, keys: Sequence | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of ``layer`` for ``keys`` (default: this batch's distinct adapters) side by side: (n·r, in)
+        and (n·r, out); kept for the batch's later calls (the engine reuses a batch over decode steps while its rows
+        keep their slots) while the total stays under ``cache_bytes``."""
+        keys = tuple(self.distinct if keys is None else keys)
+        hit = self._cache.get((id(layer), keys))
         if hit is not None:
             return hit
-        idx = torch.tensor(self.distinct, dtype=torch.long, device=A.device)
+        idx = torch.tensor(keys, dtype=torch.long, device=A.device)
         Ac = A.index_select(0, idx).reshape(-1, A.shape[-1])
         Bc = B.index_select(0, idx).transpose(1, 2).reshape(-1, B.shape[1])
         size = (Ac.numel() + Bc.numel()) * Ac.element_size()
         if self._cached + size <= self.cache_bytes:
-            self._cache[id(layer)] = (Ac, Bc)
+            self._cache[id(layer), keys] = (Ac, Bc)
             self._cached += size
         return Ac, Bc
 
@@ -222,7 +233,8 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
       shrink of every row by all of them side by side (``x·[A₁;…;Aₙ]ᵀ``, n·r columns), a 0/1 mask keeping each row's
       own r columns (base rows: none), and one expand ``addmm`` into the base output: two products per layer instead
       of a gather, two bmms and a scatter, at n times the adapter FLOPs (small next to the base at r ≪ hidden). With
-      more adapters, and every row adapted, the gathered bmms in row order, added in place (no row scatter).
+      more adapters, the same per group of ``ONEHOT_MAX`` adapters over the rows grouped by adapter, then one
+      scatter back (fewer ops than a product pair per segment, with no per-row gather of the factors).
     """
     inplace = not (result.requires_grad or x.requires_grad)
     if len(batch.distinct) == 1 and batch.all_adapted:
@@ -252,11 +264,16 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
         u = u * batch.slot_mask(x.device, x.dtype).unsqueeze(1)
         out2 = result.view(n * tokens, -1)
         return out2.addmm_(u.view(n * tokens, -1), Bc).view_as(result)
-    if not batch.all_adapted:
-        return None
-    batch.paths["gathered"] += 1
-    slots = batch.row_slots(x.device)
-    u = torch.bmm(x.reshape(n, tokens, -1), A.index_select(0, slots).transpose(1, 2))
-    out3 = result.view(n, tokens, -1)
-    out3.baddbmm_(u, B.index_select(0, slots).transpose(1, 2))
-    return result
+    # More adapters: the adapted rows grouped by adapter, and the one-hot product per group of ONEHOT_MAX adapters
+    # (the same FLOPs per row as above), then one scatter back into the rows.
+    batch.paths["grouped"] += 1
+    order, _ = batch.index(x.device)
+    xs = x.index_select(0, order).reshape(-1, x.shape[-1])
+    terms = torch.empty(xs.shape[0], result.shape[-1], dtype=result.dtype, device=result.device)
+    r = A.shape[1]
+    for keys, start, stop, mask in batch.groups(ONEHOT_MAX):
+        Ac, Bc = batch.concatenated(layer, A, B, keys)
+        a, b = start * tokens, stop * tokens
+        u = (xs[a:b] @ Ac.t()).view(stop - start, tokens, len(keys), r) * mask.to(x.device, x.dtype).unsqueeze(1)
+        torch.mm(u.view(b - a, -1), Bc, out=terms[a:b])
+    return result.index_put_((order,), terms.view(len(order), *result.shape[1:]), accumulate=True)
