@@ -148,3 +148,19 @@ def test_registry_maps_types():
 def test_grouped_conv_is_a_clear_error():
     with pytest.raises(LoraTuneError, match="grouped"):
         _layer(ConvLora, nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_merging_into_a_bf16_weight_rounds_once_and_unmerge_restores_it():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    w0 = base.weight.detach().clone()
+    layer = LinearLora(base)
+    layer.add_adapter("a", r=4, lora_alpha=8, dropout=0.0, use_rslora=False, init=False)  # fp32 adapter, random A, B
+    delta = layer.delta_weight("a").detach().float()
+    layer.merge(["a"])
+    want = (w0.float() + delta).to(torch.bfloat16)  # ΔW added in fp32, one rounding
+    assert torch.equal(layer.weight, want)
+    twice = w0 + delta.to(torch.bfloat16)  # the old order: ΔW rounded to bf16, then added in bf16
+    assert not torch.equal(twice, want)  # (so the test can tell the two apart)
+    layer.unmerge()
+    assert (layer.weight.float() - w0.float()).abs().max() <= 2 * w0.float().abs().max() * 2**-8

@@ -13,6 +13,7 @@ This module sits below ``adapters.layers`` (which imports it) and imports nothin
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
@@ -141,20 +142,33 @@ ONEHOT_MAX = 8  # distinct adapters up to which a decode step multiplies every r
 
 
 _CURRENT: ContextVar[MixedBatch | None] = ContextVar("loratune_mixed_batch", default=None)
+# How many mixed_batch blocks are open in the process, in any thread. While none is, current_batch answers from this
+# plain integer without reading the context variable: torch.compile breaks its graph on ContextVar.get, and a
+# compiled training step (train.compile) never runs inside a mixed batch. Changed under a lock (+= on a global is
+# not atomic across threads).
+_OPEN = 0
+_OPEN_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def mixed_batch(batch: MixedBatch | None) -> Iterator[MixedBatch | None]:
     """Make ``batch`` the current mixed batch for the calls inside this block (this thread / task only)."""
+    global _OPEN
+    with _OPEN_LOCK:
+        _OPEN += 1
     token = _CURRENT.set(batch)
     try:
         yield batch
     finally:
         _CURRENT.reset(token)
+        with _OPEN_LOCK:
+            _OPEN -= 1
 
 
 def current_batch(module: nn.Module) -> MixedBatch | None:
     """The mixed batch of the running call if it applies to ``module``, else None."""
+    if not _OPEN:
+        return None
     batch = _CURRENT.get()
     return batch if batch is not None and batch.applies_to(module) else None
 

@@ -33,6 +33,14 @@ __all__ = ["BASE", "LAYER_TYPES", "Conv1DLora", "ConvLora", "EmbeddingLora", "Li
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _added(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """weight + delta rounded once to the weight's dtype: a half weight is added to in fp32 (an fp32 adapter's ΔW
+    rounded to bf16 first, then added in bf16, would round twice)."""
+    if weight.dtype in _HALF:
+        return (weight.float() + delta.float()).to(weight.dtype)
+    return weight + delta.to(weight.dtype)
+
+
 class LoraAdapter(nn.Module):
     """One adapter's trainable factors for one layer. Shapes are the kind's (see ``adapter_shapes``)."""
 
@@ -123,17 +131,16 @@ class LoraLayer(nn.Module):
                 warnings.warn(f"adapter '{name}' is already merged; nothing changed", stacklevel=3)
                 continue
             v = self.adapters[name].variant
-            delta = (v.merge_delta(self, name) if v else self.delta_weight(name)).to(self.weight.dtype)
+            delta = v.merge_delta(self, name) if v else self.delta_weight(name)
             if hasattr(self.base_layer, "add_to_weight"):
-                self.base_layer.add_to_weight(delta, safe=safe_merge, force=force)
-            elif safe_merge:
-                merged = self.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise LoraTuneError(f"merging adapter '{name}' gives non-finite weights; "
-                                        "the adapter is broken (retrain it, or check its file)")
-                self.weight.data.copy_(merged)
-            else:
-                self.weight.data += delta
+                self.base_layer.add_to_weight(delta.to(self.weight.dtype), safe=safe_merge, force=force)
+                self.merged.append(name)
+                continue
+            merged = _added(self.weight.data, delta)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise LoraTuneError(f"merging adapter '{name}' gives non-finite weights; "
+                                    "the adapter is broken (retrain it, or check its file)")
+            self.weight.data.copy_(merged)
             self.merged.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -141,11 +148,11 @@ class LoraLayer(nn.Module):
         for name in reversed(list(self.merged if names is None else names)):
             if name in self.merged:
                 v = self.adapters[name].variant
-                delta = (v.unmerge_delta(self, name) if v else self.delta_weight(name)).to(self.weight.dtype)
+                delta = v.unmerge_delta(self, name) if v else self.delta_weight(name)
                 if hasattr(self.base_layer, "add_to_weight"):  # (it was merged with force)
-                    self.base_layer.add_to_weight(-delta, force=True)
+                    self.base_layer.add_to_weight(-delta.to(self.weight.dtype), force=True)
                 else:
-                    self.weight.data -= delta
+                    self.weight.data.copy_(_added(self.weight.data, -delta))
                 self.merged.remove(name)
 
     # --- forward -------------------------------------------------------------------------------------

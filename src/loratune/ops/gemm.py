@@ -22,8 +22,6 @@ Nothing here has an autograd formula: the callers are autograd functions with th
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import settings
@@ -53,9 +51,9 @@ def default_route(capability: str | None = None, vendor: str | None = None) -> b
     return capability.upper().startswith("AVX512") and vendor != "GenuineIntel"
 
 
-@functools.cache
-def _default_route_here() -> bool:
-    return default_route()
+# This CPU's default, read once at import: reading it inside routing_on() broke torch.compile's graph in every LoRA
+# linear (get_cpu_capability is not traceable).
+_ROUTE_HERE = default_route()
 
 
 def _bf16_supported() -> bool:
@@ -77,7 +75,7 @@ def routing_on() -> bool:
     """Whether the routing is on now: the CPU's default, unless ``LORATUNE_ONEDNN`` or ``settings.override(onednn=)``
     says otherwise (and this torch build has oneDNN)."""
     flag = settings.get().onednn
-    return _AVAILABLE and (_default_route_here() if flag is None else flag)
+    return _AVAILABLE and (_ROUTE_HERE if flag is None else flag)
 
 
 def onednn_available() -> bool:
