@@ -178,6 +178,14 @@ def test_loraplus_gives_b_a_larger_lr(tiny_dir, data_files, tmp_path):
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 0.16]
     b_params = {id(ad.lora_B) for _, layer in lm.lora_layers() for ad in layer.adapters.values()}
     assert {id(p) for p in opt.param_groups[1]["params"]} == b_params
+    # DoRA: the magnitude vector goes with B, as in PEFT's LoRA+ (every 1-D LoRA parameter there)
+    lm = get_lora_model(LlamaForCausalLM.from_pretrained(tiny_dir),
+                        LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    opt = make_optimizer(lm, cfg.train)
+    ads = [ad for _, layer in lm.lora_layers() for ad in layer.adapters.values()]
+    fast = {id(p) for p in opt.param_groups[1]["params"]}
+    assert fast == {id(ad.lora_B) for ad in ads} | {id(ad.lora_magnitude_vector) for ad in ads}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(ad.lora_A) for ad in ads}
 
 
 def test_schedules():

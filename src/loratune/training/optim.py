@@ -23,7 +23,11 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW over ``model``'s (a LoraModel's) trainable parameters; with LoRA+, each B gets lr × loraplus_lr_ratio."""
-    b_ids = {id(ad.lora_B) for _, layer in model.lora_layers() for ad in layer.adapters.values()}
+    adapters = [ad for _, layer in model.lora_layers() for ad in layer.adapters.values()]
+    # as PEFT's LoRA+: B, and a DoRA adapter's magnitude vector (PEFT puts every 1-D LoRA parameter there), get the
+    # faster rate
+    b_ids = {id(ad.lora_B) for ad in adapters} | {id(ad.lora_magnitude_vector) for ad in adapters
+                                                   if hasattr(ad, "lora_magnitude_vector")}
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.loraplus_lr_ratio:
         groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": cfg.lr},
