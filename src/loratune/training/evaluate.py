@@ -117,7 +117,9 @@ def exact_match(model: nn.Module, tokenizer, examples: Sequence, batch_size: int
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))  # similar lengths, less padding
     answers: dict[int, str] = {}
-    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, leave=False, dynamic_ncols=True)
+    # mininterval=0, miniters=1: a refresh per batch (few, each a whole generate call), so even a quick eval shows its count
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, leave=False, dynamic_ncols=True,
+               mininterval=0, miniters=1)
     try:
         with merged_for_generation(model) if merge else contextlib.nullcontext():
             for i in range(0, len(order), batch_size):
