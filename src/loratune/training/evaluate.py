@@ -117,7 +117,7 @@ def exact_match(model: nn.Module, tokenizer, examples: Sequence, batch_size: int
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))  # similar lengths, less padding
     answers: dict[int, str] = {}
-    # mininterval=0, miniters=1: a refresh per batch (few, each a whole generate call), so even a quick eval shows its count
+    # mininterval=0, miniters=1: a refresh per batch (few, each a whole generate call): a quick eval shows its count
     bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, leave=False, dynamic_ncols=True,
                mininterval=0, miniters=1)
     try:
