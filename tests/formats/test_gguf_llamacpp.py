@@ -205,3 +205,22 @@ def test_ollama_adapter_folder(trained, tmp_path, capsys):
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\n" in modelfile
     assert (out / "base.gguf").read_bytes() == base_gguf_file(BASE).read_bytes()
     llama(out / "base.gguf", out / "adapter.gguf")  # llama.cpp accepts the pair as Ollama would hand it over
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_merged_gguf_in_half_precision_answers_as_loratune(trained, tmp_path, outtype):
+    """`--format gguf` at f16 / bf16 (the q8_0 file is checked above): llama.cpp loads it and gives loratune's greedy
+    answers (f16: token for token; bf16 rounds the weights more coarsely: the right answer on all but two)."""
+    ad, lm, tok, rows = trained
+    out = tmp_path / f"merged-{outtype}.gguf"
+    assert main(["export", "--adapter", str(ad), "--format", "gguf", "--out", str(out), "--outtype", outtype]) == 0
+    llm = llama(out)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    same = right = 0
+    for ids, row in zip(_prompts(tok, rows), rows):
+        cpp = cpp_greedy(llm, ids, 12, eos)
+        same += cpp == hf_greedy(lm, ids, 12, eos)
+        right += tok.decode(cpp, skip_special_tokens=True).strip() == row["completion"]
+    assert right >= len(rows) - 2, (outtype, same, right)
+    if outtype == "f16":
+        assert same == len(rows), (same, len(rows))
