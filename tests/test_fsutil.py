@@ -100,3 +100,29 @@ def test_writes_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
     synced = [path for kind, path in events[first_rename:second] if kind == "fsync"]
     assert any(p.endswith("/a") for p in synced) and any(".d.tmp-" in p and not p.endswith("/a") for p in synced)
     assert events[-1][0] == "fsync"  # and the parent directory after the rename
+
+
+def test_check_out_dir_refuses_what_the_command_must_not_write(tmp_path, monkeypatch):
+    from loratune.errors import LoraTuneError
+    from loratune.fsutil import check_out_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep me")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / ".marker").write_text("{}")
+    (tmp_path / "mine" / "old.bin").write_text("old")
+    (tmp_path / "inputs" / "adapter").mkdir(parents=True)
+    cases = [(tmp_path / "afile", {}, "is a file"), (tmp_path, {}, "is or holds"),
+             (tmp_path / "inputs", {"keep": (tmp_path / "inputs" / "adapter",)}, "is or holds"),
+             (tmp_path / "no" / "such" / "out", {"parent_must_exist": True}, "does not exist; create it first"),
+             (tmp_path / "theirs", {}, "was not written by loratune test")]
+    for out, kw, said in cases:
+        with pytest.raises(LoraTuneError, match=said) as e:
+            check_out_dir(out, ".marker", "loratune test", **kw)
+        assert "\n" not in str(e.value)
+    check_out_dir(tmp_path / "mine", ".marker", "loratune test")  # its own earlier output: allowed
+    check_out_dir(tmp_path / "theirs", ".marker", "loratune test", overwrite=True)
+    check_out_dir(tmp_path / "no" / "such" / "out", ".marker", "loratune test")  # parents made by the writer
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"  # checking never deletes

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFileError
+from .errors import AdapterFileError, LoraTuneError
 
 
 def _umask() -> int:
@@ -153,3 +153,28 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{path} is not a valid safetensors file ({e}); re-save or re-copy it") from None
+
+
+def check_out_dir(out: Path, marker: str, writer: str, overwrite: bool = False, keep: tuple[Path, ...] = (),
+                  example: str = "out/", parent_must_exist: bool = False,
+                  error: type[LoraTuneError] = LoraTuneError) -> None:
+    """Refuse, before any work, an output directory ``out`` that a command (``writer``, e.g. "loratune merge") must
+    not write: a file; the working directory or one of ``keep`` (its inputs), or a directory above them; an unwritable
+    place; a missing parent (where ``parent_must_exist``); a non-empty directory without the command's ``marker``
+    file, i.e. one it did not write (unless ``overwrite``). Each as one ``error`` line naming the fix."""
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {out} is a file; give a directory (new, empty, or one {writer} wrote)")
+    resolved = out.resolve()
+    for inner in (Path.cwd(), *keep):
+        inner = inner.resolve()
+        if resolved == inner or resolved in inner.parents:
+            raise error(f"--out {out} is or holds {inner}, which must not be replaced; give a new directory such "
+                        f"as {example}")
+    if parent_must_exist and not out.parent.is_dir():
+        raise error(f"--out {out}: the directory {out.parent} does not exist; create it first")
+    problem = writable_place(out)
+    if problem:
+        raise error(f"--out {out} cannot be written ({problem}); choose a directory you can write to")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file() and not overwrite:
+        raise error(f"--out {out} is not empty and was not written by {writer}; give a new or empty directory, or "
+                    "pass --overwrite to replace it (its contents are then deleted)")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from .. import fsutil
 from ..adapters.factors import Adapter
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
 from ..errors import ConfigError, LoraTuneError
-from ..fsutil import atomic_dir, save_json, save_tensors, writable_place
+from ..fsutil import atomic_dir, save_json, save_tensors
 
 MARKER = ".loratune-compose.json"
 # Files beside an adapter that describe how to prompt it (the tokenizer and chat template `loratune train` saves,
@@ -34,23 +35,9 @@ def load_adapter(directory: str | Path) -> Adapter:
 
 
 def check_out_dir(out: Path, overwrite: bool = False, keep: tuple[Path, ...] = ()) -> None:
-    """Refuse an ``out`` that must not be written: a file, an unwritable place, the working directory or one of
-    ``keep`` (the inputs) or a folder above them, or a non-empty directory no compose command wrote (unless
-    ``overwrite``). Checked before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise LoraTuneError(f"--out {out} is a file; give a directory (new, empty, or one loratune wrote)")
-    resolved = out.resolve()
-    for inner in (Path.cwd(), *keep):
-        inner = inner.resolve()
-        if resolved == inner or resolved in inner.parents:
-            raise LoraTuneError(f"--out {out} is or holds {inner}, which must not be replaced; give a new "
-                                "directory such as combined/")
-    problem = writable_place(out)
-    if problem:
-        raise LoraTuneError(f"--out {out} cannot be written ({problem}); choose a directory you can write to")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
-        raise LoraTuneError(f"--out {out} is not empty and was not written by a loratune compose command; give a "
-                            "new or empty directory, or pass --overwrite to replace it (its contents are deleted)")
+    """Refuse an ``out`` a compose command must not write (``fsutil.check_out_dir``; ``keep``: its inputs).
+    Checked before any work is done."""
+    fsutil.check_out_dir(out, MARKER, "a loratune compose command", overwrite, keep, example="combined/")
 
 
 def save_adapter(adapter: Adapter, out: str | Path, provenance: dict | None = None,

@@ -9,30 +9,15 @@ from pathlib import Path
 import torch
 
 from .. import quant
-from ..errors import LoraTuneError
-from ..fsutil import atomic_dir, save_json, writable_place
+from ..fsutil import atomic_dir, check_out_dir, save_json
 
 MARKER = ".loratune-merged.json"  # written into every merged directory
 
 
 def check_target(out: Path, overwrite: bool = False, keep_inside: tuple[Path, ...] = ()) -> None:
-    """Refuse an ``out`` that a merge must not write: a file, an unwritable place, the working directory or one
-    that holds it (or holds one of ``keep_inside``, e.g. the adapter being merged), or a non-empty directory
-    loratune did not write (unless ``overwrite``). Checked before any model is loaded."""
-    if out.exists() and not out.is_dir():
-        raise LoraTuneError(f"--out {out} is a file; give a directory (new, empty, or an earlier merge's)")
-    resolved = out.resolve()
-    for inner in (Path.cwd(), *keep_inside):
-        inner = inner.resolve()
-        if resolved == inner or resolved in inner.parents:
-            raise LoraTuneError(f"--out {out} is or holds {inner}, which must not be replaced; give a new "
-                                "directory such as merged/")
-    problem = writable_place(out)
-    if problem:
-        raise LoraTuneError(f"--out {out} cannot be written ({problem}); choose a directory you can write to")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
-        raise LoraTuneError(f"--out {out} is not empty and was not written by loratune merge; give a new or empty "
-                            "directory, or pass --overwrite to replace it (its contents are then deleted)")
+    """Refuse an ``out`` that a merge must not write (``fsutil.check_out_dir``; ``keep_inside``: e.g. the adapter
+    being merged). Checked before any model is loaded."""
+    check_out_dir(out, MARKER, "loratune merge", overwrite, keep_inside, example="merged/")
 
 
 def save_merged(lora_model, tok, out: Path, dtype: torch.dtype | None = None) -> None:

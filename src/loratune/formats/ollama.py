@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_dir, save_json, writable_place, write_text
+from .. import fsutil
+from ..fsutil import atomic_dir, save_json, write_text
 from .gguf import ExportError
 
 MODELFILE = "Modelfile"
@@ -148,18 +149,9 @@ def _quote(text: str) -> str:
 
 
 def check_out_dir(out: Path, overwrite: bool = False) -> None:
-    """Refuse an ``out`` this export must not write: a file, a missing parent folder, an unwritable place, or a
-    non-empty folder that an earlier export did not write (unless ``overwrite``)."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; give a folder (new, empty, or an earlier export's)")
-    if not out.parent.is_dir():
-        raise ExportError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-    problem = writable_place(out)
-    if problem:
-        raise ExportError(f"--out {out} cannot be written ({problem}); choose a folder you can write to")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
-        raise ExportError(f"--out {out} is not empty and was not written by loratune export; give a new or empty "
-                          "folder, or pass --overwrite to replace it (its contents are then deleted)")
+    """Refuse an ``out`` this export must not write (``fsutil.check_out_dir``; its parent must exist)."""
+    fsutil.check_out_dir(out, MARKER, "loratune export", overwrite, example="ollama/", parent_must_exist=True,
+                         error=ExportError)
 
 
 def write_ollama_dir(out: str | Path, write_models: Callable[[Path], tuple[str, str | None]],
