@@ -12,6 +12,7 @@ import sys
 
 from .. import settings
 from ..errors import ConfigWarning, LoraTuneError
+from .args import positive_int
 
 EXAMPLE = "examples/dates.yaml"
 
@@ -44,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     e.add_argument("--format", default="auto", help="data format (default: detect)")
     e.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
-    e.add_argument("--batch-size", type=_positive, default=32)
-    e.add_argument("--max-new-tokens", type=_positive, default=32)
+    e.add_argument("--batch-size", type=positive_int, default=32)
+    e.add_argument("--max-new-tokens", type=positive_int, default=32)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table (always valid: no NaN)")
     which = e.add_mutually_exclusive_group()
     which.add_argument("--no-base", action="store_true", help="evaluate only base+adapter (the base is not run)")
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--adapter", help="adapter directory")
     g.add_argument("--model", help="base model (default: the adapter's)")
-    g.add_argument("--max-new-tokens", type=_positive, default=128)
+    g.add_argument("--max-new-tokens", type=positive_int, default=128)
     g.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
     _generation_args(g)
     _device_args(g)
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat with an adapter (/reset, /system TEXT, /exit)")
     c.add_argument("--adapter", help="adapter directory")
     c.add_argument("--model", help="base model (default: the adapter's)")
-    c.add_argument("--max-new-tokens", type=_positive, default=256)
+    c.add_argument("--max-new-tokens", type=positive_int, default=256)
     c.add_argument("--system-prompt", help="system prompt (default: the one the adapter was trained with)")
     _generation_args(c)
     _device_args(c)
@@ -131,7 +132,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     """Sampling and output flags of generate and chat (greedy unless a temperature, top-p or top-k is given)."""
     p.add_argument("--temperature", type=_number(0.0, None), help="sample at this temperature (0: greedy)")
     p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), help="nucleus sampling: 0 < p ≤ 1")
-    p.add_argument("--top-k", type=_positive, help="sample from the k likeliest tokens")
+    p.add_argument("--top-k", type=positive_int, help="sample from the k likeliest tokens")
     p.add_argument("--repetition-penalty", type=_number(0.0, None, low_open=True), help="> 1 discourages repeats")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same output)")
     p.add_argument("--no-stream", action="store_true", help="print the answer when done, not token by token")
@@ -159,17 +160,6 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}")
     return int(text)
-
-
-def _positive(text: str) -> int:
-    """argparse type: a whole number ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,18 +10,9 @@ import re
 from pathlib import Path
 
 from ..errors import LoraTuneError
+from .args import positive_int
 
 _SPEC = re.compile(r"([^=]+)=(.+)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -51,11 +42,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                      "the folder; runtime loads must lie inside it")
     s.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
                    help="one more adapter (repeatable)")
-    s.add_argument("--max-loras", type=_positive, default=8, help="adapters resident in the stacked slots")
-    s.add_argument("--max-cpu-loras", type=_positive, help="adapters kept in host memory (default: --max-loras)")
-    s.add_argument("--max-lora-rank", type=_positive, default=16, help="largest adapter rank a slot holds")
-    s.add_argument("--max-batch", type=_positive, default=32, help="sequences decoded together")
-    s.add_argument("--max-batch-tokens", type=_positive, default=16384,
+    s.add_argument("--max-loras", type=positive_int, default=8, help="adapters resident in the stacked slots")
+    s.add_argument("--max-cpu-loras", type=positive_int, help="adapters kept in host memory (default: --max-loras)")
+    s.add_argument("--max-lora-rank", type=positive_int, default=16, help="largest adapter rank a slot holds")
+    s.add_argument("--max-batch", type=positive_int, default=32, help="sequences decoded together")
+    s.add_argument("--max-batch-tokens", type=positive_int, default=16384,
                    help="bound on prompt + max_tokens over the running batch")
     s.add_argument("--policy", choices=["continuous", "static", "sequential"], default="continuous")
     s.add_argument("--served-model-name", help="the base model's id in the API (default: --model)")
