@@ -395,12 +395,7 @@ def main(argv=None) -> int:
         ap.error("--repeats must be at least 1")
     if args.dtype == "float16":
         ap.error("--dtype float16: NF4 computes in float32 or bfloat16")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device}: not a device name (use cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    device = ts.parse_device(ap, args.device)
     if args.inner is None:
         args.inner = 1 if device.type == "cpu" else 10
     args.random_weights = False

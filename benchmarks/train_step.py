@@ -606,6 +606,17 @@ def print_table(results: list[dict]) -> None:
                       for r in results))
 
 
+def parse_device(ap: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` as a torch.device, or the parser's one-line error: not a device name, or CUDA this torch lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        ap.error(f"--device {name}: not a device name (use cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    return device
+
+
 def add_step_args(ap: argparse.ArgumentParser) -> None:
     """The flags every step benchmark shares: timing batch, repeats, memory batch, threads."""
     ap.add_argument("--batch", type=int, default=4)
@@ -648,12 +659,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--repeats must be at least 1 (medians need a timing)")
     if args.json and args.json != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         ap.error(f"--json {args.json}: its directory does not exist (create it first; checked now, not after the run)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device}: not a device name (use cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    device = parse_device(ap, args.device)
     from loratune.errors import LoraTuneError
     from loratune.models import BUNDLED, resolve_model_path
 
