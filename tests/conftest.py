@@ -130,3 +130,13 @@ def gemm_route(request, monkeypatch):
     monkeypatch.setattr(gemm, "MIN_MACS", 0)  # the tests' tiny products would otherwise stay on torch.mm
     with settings.override(onednn=request.param == "onednn"):
         yield request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``): small LAPACK
+    calls and tiny convolutions on two threads of a loaded 2-core machine spin many times longer than on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

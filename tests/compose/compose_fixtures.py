@@ -7,7 +7,6 @@ import copy
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 from loratune import LoraConfig, LoraModel, get_lora_model
@@ -80,13 +79,3 @@ def max_rel(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> floa
 
 def deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
     return delta_weights(adapter)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small LAPACK calls (SVDs of 64×96 matrices) on two threads of a loaded 2-core machine spin for ~0.5 s each;
-    on one thread they take ~2 ms. Import this fixture into a test module to run it single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

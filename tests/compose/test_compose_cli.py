@@ -12,7 +12,6 @@ from compose_fixtures import (
     deltas,
     max_rel,
     model_with,
-    one_thread,  # noqa: F401  (autouse)
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,6 +20,8 @@ from loratune.cli import compose as cli
 from loratune.compose import combine_adapters, load_adapter
 from loratune.compose.io import MARKER
 from loratune.errors import LoraTuneError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*argv: str) -> int:

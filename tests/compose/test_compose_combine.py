@@ -16,7 +16,6 @@ from compose_fixtures import (
     deltas,
     max_rel,
     model_with,
-    one_thread,  # noqa: F401  (autouse)
     peft_deltas,
     peft_with,
     rel,
@@ -37,7 +36,7 @@ from loratune.errors import LoraTuneError
 from conftest import LLAMA_TARGETS, TinyConvNet, ids, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 W = [0.7, -0.3]
 PRUNING = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",

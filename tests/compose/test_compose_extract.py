@@ -13,7 +13,6 @@ from compose_fixtures import (
     deltas,
     max_rel,
     model_with,
-    one_thread,  # noqa: F401  (autouse)
     rel,
 )
 
@@ -23,6 +22,8 @@ from loratune.compose.extract import extract_lora
 from loratune.errors import LoraTuneError
 
 from conftest import LLAMA_TARGETS, ids, tiny_gpt2, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])

@@ -12,7 +12,6 @@ from compose_fixtures import (
     deltas,
     max_rel,
     model_with,
-    one_thread,  # noqa: F401  (autouse)
     rel,
 )
 
@@ -24,6 +23,8 @@ from loratune.compose.rank import analyze_adapter, effective_rank, energy_rank, 
 from loratune.errors import LoraTuneError
 
 from conftest import LLAMA_TARGETS, ids, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def known_spectrum(path: str, sv: list[float], shape=(64, 96), r: int = 8, alpha: float = 16.0, seed: int = 0):

@@ -10,7 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the examples' own setting: tiny convolutions
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -22,13 +23,6 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The examples' own setting: tiny convolutions run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
@@ -72,13 +73,6 @@ def args():
     return inputs()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and many times faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_unet_lora_loads_in_diffusers_pipeline_with_the_same_outputs(tmp_path, args):
