@@ -43,6 +43,9 @@ class DataConfig:
     overlength: str = "drop"
     chat_template: str | None = None
     system_prompt: str | None = None
+    text_column: str = "text"  # task: classification reads these columns (training/classify.py)
+    text_pair_column: str | None = None
+    label_column: str = "label"
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:

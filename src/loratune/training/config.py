@@ -91,18 +91,20 @@ class RunConfig:
     lora: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/latest"
+    task: str = "causal_lm"  # or classification: an encoder with a classification head (training/classify.py)
 
     def lora_config(self) -> LoraConfig:
         kwargs = dict(LORA_DEFAULTS)
         kwargs.update({LORA_SHORT.get(k, k): v for k, v in self.lora.items()})
-        kwargs.setdefault("task_type", "CAUSAL_LM")
+        kwargs.setdefault("task_type", TASK_TYPES[self.task])
         return LoraConfig(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "data", "lora", "train", "output_dir")
+SECTIONS = ("model", "data", "lora", "train", "output_dir", "task")
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}  # run config task -> PEFT task_type
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), defaults: list[str] = ()) -> RunConfig:
@@ -194,6 +196,10 @@ def build_run_config(raw: dict[str, Any], problems: list[str] | None = None) -> 
     output_dir = checked("output_dir", raw.get("output_dir", RunConfig.output_dir), str, RunConfig.output_dir,
                           problems, _EXAMPLES)
     _check_data_files(sections["data"], problems)
+    task = raw.get("task", RunConfig.task)
+    if task not in TASK_TYPES:
+        problems.append(f"task must be one of {', '.join(TASK_TYPES)}, got {task!r}{closest(str(task), TASK_TYPES)} "
+                        "(causal_lm: a chat/completion model; classification: an encoder with a label head)")
     if model is not None and model.quantize:
         try:
             quant.check_skip_vs_targets(model.quantize_skip_modules, lora.get("target_modules"))
@@ -202,7 +208,7 @@ def build_run_config(raw: dict[str, Any], problems: list[str] | None = None) -> 
     if problems:
         raise ConfigError(_report(problems))
     _warn_if_steps_and_epochs(train)
-    return RunConfig(model=model, data=data, lora=lora, train=train, output_dir=output_dir)
+    return RunConfig(model=model, data=data, lora=lora, train=train, output_dir=output_dir, task=task)
 
 
 def _report(problems: list[str]) -> str:
@@ -369,8 +375,9 @@ def _warn_if_steps_and_epochs(train: TrainConfig) -> None:
 # sharded or not, compiled or not (checkpoints are device-free; the global batch is the same). Left out of
 # run_config.yaml, which is what a resumed run must match; so is model.dtype at its default (float32), which keeps
 # the run configs written before it existed valid.
-_HOW = {"train": ("device", "distributed", "compile")}
-_SAME_AS_BEFORE = {"model": {"dtype": "float32"}}
+_HOW = {"train": ("device", "distributed", "compile", "report_to")}
+_SAME_AS_BEFORE = {"model": {"dtype": "float32"}, "train": {"class_weights": None},
+                   "data": {"text_column": "text", "text_pair_column": None, "label_column": "label"}}
 
 
 def dump_run_config(cfg: RunConfig) -> str:
@@ -381,6 +388,8 @@ def dump_run_config(cfg: RunConfig) -> str:
             d[section].pop(k, None)
     for section, defaults in _SAME_AS_BEFORE.items():
         for k, v in defaults.items():
-            if d[section].get(k) == v:
+            if k in d[section] and d[section][k] == v:
                 del d[section][k]
+    if d["task"] == RunConfig.task:
+        del d["task"]
     return yaml.safe_dump(d, sort_keys=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .. import devices, ops, settings
-from ..adapters import LoraModel, get_lora_model
+from ..adapters import LoraModel, get_lora_model, variants
 from ..adapters.files import load_adapter_weights
 from ..data import DataConfig, PreparedData, collate, prepare
 from ..errors import ConfigWarning, LoraTuneError
@@ -43,6 +41,7 @@ from .config import RunConfig, dump_run_config
 from .evaluate import eval_loss, response_loss_sum
 from .optim import global_batch, lr_lambda, make_optimizer, total_steps
 from .rundir import check_output_dir, claim_output_dir, read_history, write_loss_curve
+from .tracking import RunLog, check_trackers
 
 PROMPT_FILE = "loratune_prompt.json"  # how prompts were built in training, for eval/generate/chat
 __all__ = ["PROMPT_FILE", "RunResult", "TrainingError", "require_causal_lm", "train"]
@@ -112,6 +111,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     out = Path(cfg.output_dir)
     config_text = dump_run_config(cfg)
     check_output_dir(out, config_text, overwrite)
+    check_trackers(tc.report_to)
 
     torch.manual_seed(tc.seed)
     load_on = torch.device("cpu") if fsdp else device  # FSDP: each process moves only its shards to the device
@@ -163,12 +163,11 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     if world > 1 and start == 0:
         torch.manual_seed(tc.seed + 1000 * rank)
 
-    log_path = out / "metrics.jsonl"
-    history = read_history(log_path, start)
-    if rank == 0:  # drop lines a killed run logged after its last checkpoint
-        write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+    log = RunLog(out, read_history(out / "metrics.jsonl", start), start, steps, progress, rank, tc.report_to,
+                 config=cfg.to_dict())
+    history = log.history
+    hooks = variants.training_hooks(lm)  # what a variant adds to a step (AdaLoRA: a penalty, rank allocation)
     pad = tok.pad_token_id
-    bar = tqdm(total=steps, initial=start, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
     step = start
     for step in range(start + 1, steps + 1):
@@ -187,6 +186,9 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             if part:
                 step_loss += loss_sum.detach()
                 tokens_seen += int(batch["attention_mask"].sum())
+        penalty = hooks.penalty()
+        if penalty is not None:
+            penalty.backward()
         if world > 1:
             dist.all_reduce(step_loss)
         loss = step_loss.item() / max(n_tokens, 1)
@@ -198,6 +200,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         grad_norm = clip(params, tc.max_grad_norm or math.inf).item()
         lr = sched.get_last_lr()[0]  # the rate this step uses (read before sched.step() moves on)
         opt.step()
+        hooks.after_step(step, steps)  # (before zero_grad: a variant may read this step's gradients)
         sched.step()
         opt.zero_grad(set_to_none=True)
 
@@ -205,18 +208,15 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
                   "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
         if data.eval and (step == steps or (tc.eval_every and step % tc.eval_every == 0)):
             record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
-        history.append(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        log.step(record)
         # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
         if step == steps or (tc.save_every and step % tc.save_every == 0):
             _checkpoint(out, step, lm, opt, sched, config_text, tc, rank, params, fsdp)
         if stop_after is not None and step - start >= stop_after:
             break
-    bar.close()
+    if step == steps and history and "eval_loss" in history[-1]:
+        log.final({"eval_loss": history[-1]["eval_loss"]})
+    log.close()
     ops.clear_mask_cache()  # let go of the last input's x⊙mask: evaluation and merging need none
     ops.release_workspace()  # and of the loss's kept chunk × vocab buffer
     if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet

@@ -68,6 +68,9 @@ class ModelConfig:
                 "quantize_skip_modules": self.quantize_skip_modules}
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class TrainConfig:
     epochs: float | None = None  # default 1 when max_steps is not set either
@@ -90,6 +93,8 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (devices.resolve_device)
     distributed: str = "ddp"  # under torchrun: ddp (adapters replicated) or fsdp (FSDP2, the base sharded per layer)
     compile: bool = False  # torch.compile the model (inductor)
+    report_to: list[str] | str | None = None  # metric trackers: tensorboard, wandb, mlflow (training/tracking.py)
+    class_weights: list[float] | str | None = None  # task: classification: "balanced" or one weight per label
 
     def __post_init__(self) -> None:
         p = []
@@ -124,6 +129,18 @@ class TrainConfig:
             p.append(f"train.weight_decay must be a finite number ≥ 0, got {self.weight_decay} (0 = none)")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             p.append(f"train.max_grad_norm must be a finite number ≥ 0, got {self.max_grad_norm} (0 = no clipping)")
+        if isinstance(self.report_to, str):  # one tracker, or a comma-separated list as an override writes it
+            self.report_to = [t.strip() for t in self.report_to.split(",")]
+        if self.report_to is not None:
+            self.report_to = [t for t in self.report_to if t not in ("", "none", None)] or None
+        unknown = [t for t in self.report_to or [] if t not in TRACKERS]
+        if unknown:
+            p.append(f"train.report_to: unknown tracker {unknown[0]!r}; use any of {', '.join(TRACKERS)} (or none)")
+        cw = self.class_weights
+        if not (cw is None or cw == "balanced" or (isinstance(cw, list) and cw and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in cw))):
+            p.append(f"train.class_weights must be null, balanced, or a list of numbers > 0 (one per label), got "
+                     f"{cw!r}")
         if self.loraplus_lr_ratio is not None and not (math.isfinite(self.loraplus_lr_ratio)
                                                        and self.loraplus_lr_ratio > 0):
             p.append(f"train.loraplus_lr_ratio must be a finite number > 0 or null, got {self.loraplus_lr_ratio}")

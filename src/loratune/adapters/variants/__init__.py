@@ -5,6 +5,7 @@ weight, PiSSA / OLoRA / LoftQ (``init.py``). ``for_config`` picks an adapter's v
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...errors import ConfigError
@@ -30,7 +31,25 @@ __all__ = [
     "CONVERTIBLE", "MUTATING", "Dora", "Variant", "WeightInit", "check_targets", "converted_config",
     "converted_factors", "dense_row_norms", "factors_for", "for_config", "init_kind", "initializer_for",
     "loftq_factors", "merged_weight", "olora_factors", "pissa_factors", "row_norms", "saved_as_lora",
+    "TrainingHooks", "training_hooks",
 ]
+
+
+class TrainingHooks:
+    """What a variant adds to each optimizer step of the training loop; plain LoRA, DoRA and the initializations
+    add nothing (these no-ops). ``penalty`` is a loss term added once per optimizer step (its gradient joins the
+    step's); ``after_step`` runs after ``optimizer.step()`` and before the gradients are cleared."""
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+
+def training_hooks(model: nn.Module) -> TrainingHooks:
+    """The training hooks of ``model``'s active adapter's variant (a LoraModel)."""
+    return TrainingHooks()
 
 
 def for_config(config: LoraConfig) -> Variant | None:
