@@ -36,12 +36,12 @@ def test_batched_prefill_equals_one_at_a_time(tiny_dir, root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("design", ["v1", "v2"])
+@pytest.mark.parametrize("design", ["v1", "v2", "v3"])
 def test_both_designs_answer_alike_and_a_failed_batched_prefill_is_retried_alone(tiny_dir, root, design,
                                                                                  monkeypatch):
     server = _server(tiny_dir, root, design=design)
     calls = []
-    if design == "v2":
+    if design != "v1":
         def broken(prompts, slots):
             calls.append(len(prompts))
             raise RuntimeError("batched prefill broke")
@@ -53,8 +53,9 @@ def test_both_designs_answer_alike_and_a_failed_batched_prefill_is_retried_alone
     finally:
         server.stop()
     assert len(got) == len(jobs)  # every request answered (one at a time, after the batched prefill failed)
-    assert server.scheduler.batch_prefill == (design == "v2") and server.scheduler.engine.fast == (design == "v2")
-    if design == "v2":
+    assert server.scheduler.batch_prefill == (design != "v1") and server.scheduler.engine.fast == (design != "v1")
+    assert (server.scheduler.loader is not None) == (design == "v3")
+    if design != "v1":
         assert calls and max(calls) > 1
     reference = _server(tiny_dir, root).start()
     try:
@@ -65,5 +66,5 @@ def test_both_designs_answer_alike_and_a_failed_batched_prefill_is_retried_alone
 
 
 def test_unknown_design_is_refused(tiny_dir, root):
-    with pytest.raises(Exception, match="design must be v1 or v2"):
-        _server(tiny_dir, root, design="v3")
+    with pytest.raises(Exception, match="design must be one of v1, v2, v3"):
+        _server(tiny_dir, root, design="v9")

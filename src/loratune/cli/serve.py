@@ -25,6 +25,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number 0 or more, got {text!r}")
+    return value
+
+
 def _adapter_spec(text: str) -> tuple[str, str]:
     m = _SPEC.fullmatch(text)
     if not m:
@@ -45,6 +55,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-loras", type=positive_int, default=8, help="adapters resident in the stacked slots")
     s.add_argument("--max-cpu-loras", type=positive_int, help="adapters kept in host memory (default: --max-loras)")
     s.add_argument("--max-lora-rank", type=positive_int, default=16, help="largest adapter rank a slot holds")
+    s.add_argument("--adapter-loaders", type=_count, default=1,
+                   help="threads that read cold adapters while decoding goes on (0: read on the scheduler's "
+                        "thread, which stops decoding meanwhile)")
     s.add_argument("--max-batch", type=positive_int, default=32, help="sequences decoded together")
     s.add_argument("--max-batch-tokens", type=positive_int, default=16384,
                    help="bound on prompt + max_tokens over the running batch")
@@ -85,7 +98,7 @@ def build_server(args):
     return Server(model, tok, args.served_model_name or str(args.model), root=args.adapters,
                   adapters=dict(args.adapter), max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
                   max_lora_rank=args.max_lora_rank, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
-                  policy=args.policy)
+                  policy=args.policy, adapter_loaders=args.adapter_loaders)
 
 
 def cmd_serve(args) -> int:

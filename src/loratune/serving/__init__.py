@@ -6,7 +6,9 @@ continuous batching, and an OpenAI-compatible HTTP server (``loratune serve``).
 """
 
 from .engine import Engine, Sampling
-from .registry import AdapterRegistry, NoFreeSlot, ServingError, wrap_linear_layers
+from .layers import wrap_linear_layers
+from .loader import AdapterLoader
+from .registry import AdapterRegistry, NoFreeSlot, NotLoaded, ServingError
 from .scheduler import POLICIES, Scheduler, Sequence
 from .server import Server
 
@@ -18,5 +20,5 @@ def create_app(server: Server, manage_lifecycle: bool = True):
     return _create(server, manage_lifecycle)
 
 
-__all__ = ["POLICIES", "AdapterRegistry", "Engine", "NoFreeSlot", "Sampling", "Scheduler", "Sequence", "Server",
-           "ServingError", "create_app", "wrap_linear_layers"]
+__all__ = ["POLICIES", "AdapterLoader", "AdapterRegistry", "Engine", "NoFreeSlot", "NotLoaded", "Sampling", "Scheduler",
+           "Sequence", "Server", "ServingError", "create_app", "wrap_linear_layers"]

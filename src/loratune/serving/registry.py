@@ -8,9 +8,12 @@ into B when the adapter is loaded. A request's rows name slots through a per-cal
 merged into the shared base.
 
 Two LRU caches, as vLLM's: at most ``max_cpu_loras`` adapters loaded in host memory, at most ``max_loras`` in
-slots. A slot in use by a running sequence is pinned and never evicted. Only the scheduler's thread calls
-``acquire``/``release`` (which copy into the stacks, between forwards); ``register``/``unregister`` may come from any
-thread. Adapter directories are read with safetensors only, and a runtime load never reads outside the adapter root.
+slots. A slot in use by a running sequence is pinned and never evicted; an adapter the scheduler has asked to keep
+(``protect``: loaded ahead for waiting requests) is not evicted from host memory. Only the scheduler's thread calls
+``acquire``/``release`` (which copy into the stacks, between forwards); ``register``/``unregister`` and
+``host_adapter`` (reading a file) may come from any thread, and two threads asking for the same adapter share one
+read. Adapter directories are read with safetensors only, from the paths registered (a runtime load never reads
+outside the adapter root).
 """
 
 from __future__ import annotations
@@ -19,20 +22,20 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import ops
 from ..adapters import functional as LF
 from ..adapters.batch import Factors, MixedBatch
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
-from ..adapters.layers import LoraLayer, lora_class_for
 from ..adapters.state import PREFIX, module_of
-from ..adapters.targets import all_linear_targets, pattern_value
+from ..adapters.targets import pattern_value
 from ..errors import AdapterFileError, LoraTuneError
+from .layers import out_in, wrap_linear_layers
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
@@ -49,6 +52,10 @@ class ServingError(LoraTuneError):
 
 class NoFreeSlot(LoraTuneError):
     """Every slot holds an adapter a running sequence uses; the scheduler retries after a step."""
+
+
+class NotLoaded(LoraTuneError):
+    """``acquire(name, load=False)``: the adapter is neither in a slot nor in host memory (a loader reads it)."""
 
 
 @dataclass
@@ -83,25 +90,6 @@ def check_name(name: object, param: str = "lora_name") -> str:
     return name
 
 
-def wrap_linear_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Wrap every linear layer but the output head (PEFT's "all-linear") in an empty LoRA layer; path -> layer."""
-    leaves = set(all_linear_targets(model, wrapped=(LoraLayer,)))
-    found = {}
-    for path, module in list(model.named_modules()):
-        if not path or path.rsplit(".", 1)[-1] not in leaves or any(path.startswith(p + ".") for p in found):
-            continue
-        if isinstance(module, LoraLayer):
-            found[path] = module
-            continue
-        cls = lora_class_for(module)
-        if cls is not None:
-            layer = cls(module)
-            model.set_submodule(path, layer)
-            found[path] = layer
-    ops.accelerate(model)  # the fused RMSNorm/SwiGLU between them, as LoraModel has
-    return found
-
-
 class AdapterRegistry:
     """Registered adapters (name -> directory), a host LRU of loaded ones and an LRU of device slots."""
 
@@ -120,7 +108,7 @@ class AdapterRegistry:
         self.dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for path, layer in self.layers.items():
-            out_f, in_f = _out_in(layer)
+            out_f, in_f = out_in(layer)
             self.stacks[path] = (torch.zeros(max_loras + 1, max_lora_rank, in_f, dtype=self.dtype, device=w.device),
                                  torch.zeros(max_loras + 1, out_f, max_lora_rank, dtype=self.dtype, device=w.device))
         self.paths: dict[str, Path] = {}
@@ -128,6 +116,8 @@ class AdapterRegistry:
         self.slots: OrderedDict[str, int] = OrderedDict()  # resident name -> slot, least recently used first
         self.ranks: dict[int, dict[str, int]] = {}  # slot -> {layer path: rank}
         self.pins: dict[str, int] = {}
+        self.protected: set[str] = set()  # kept in host memory for waiting requests (see ``protect``)
+        self._reading: dict[str, Future] = {}  # name -> the read in progress, shared by every thread that asks
         self.stats = RegistryStats()
         self._lock = threading.RLock()
         if self.root is not None:
@@ -191,24 +181,58 @@ class AdapterRegistry:
                 self._free(name)
 
     def host_adapter(self, name: str) -> HostAdapter:
-        """``name`` in host memory (loading it on demand, evicting the least recently used)."""
+        """``name`` in host memory (loading it on demand, evicting the least recently used). A read already under
+        way for ``name`` on another thread is waited for, not repeated; a failed read raises its error in every
+        caller. An adapter unregistered (or registered again elsewhere) during the read is not kept: 404."""
         with self._lock:
             if name in self.host:
                 self.host.move_to_end(name)
                 return self.host[name]
             if name not in self.paths:
                 raise ServingError(f"the model `{name}` does not exist", status=404, param="model")
-            path = self.paths[name]
-        host = self._read(name, path)
-        with self._lock:
-            self._put_host(host)
+            path, reading = self.paths[name], self._reading.get(name)
+            if reading is None:
+                reading = self._reading[name] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return reading.result()
+        try:
+            host = self._read(name, path)
+            with self._lock:
+                if self.paths.get(name) != path:  # unloaded while it was read: nothing of it stays
+                    raise ServingError(f"the model `{name}` does not exist (it was unloaded)", status=404,
+                                       param="model")
+                self._put_host(host)
+        except BaseException as e:
+            reading.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._reading.pop(name, None)
+        reading.set_result(host)
         return host
+
+    def state(self, name: str) -> str:
+        """Where ``name`` is: "slot", "host" (loaded, not in a slot), "reading" or "disk"; 404 if not registered."""
+        with self._lock:
+            if name not in self.paths:
+                raise ServingError(f"the model `{name}` does not exist", status=404, param="model")
+            return ("slot" if name in self.slots else "host" if name in self.host else
+                    "reading" if name in self._reading else "disk")
+
+    def protect(self, names) -> None:
+        """Keep ``names`` in host memory until the next call (the adapters waiting requests need; at most
+        ``max_cpu_loras`` of them, so the host LRU never grows past its bound)."""
+        with self._lock:
+            self.protected = set(list(names)[:self.max_cpu_loras])
 
     def _put_host(self, host: HostAdapter) -> None:
         self.host[host.name] = host
         self.host.move_to_end(host.name)
-        while len(self.host) > self.max_cpu_loras:
-            victim = next((n for n in self.host if n not in self.pins or not self.pins[n]), None)
+        while len(self.host) > self.max_cpu_loras:  # (an adapter in a slot has its copy there; it may go)
+            victim = next((n for n in self.host if n not in self.protected), None)
             if victim is None:
                 break
             del self.host[victim]
@@ -238,7 +262,7 @@ class AdapterRegistry:
                 raise ServingError(f"adapter '{name}' does not fit this base model: '{mod}' is not one of its linear "
                                    "layers" if layer is None else f"adapter '{name}' lacks lora_B for '{mod}'",
                                    param="lora_path")
-            out_f, in_f = _out_in(layer)
+            out_f, in_f = out_in(layer)
             r = a.shape[0]
             if a.shape != (r, in_f) or b.shape != (out_f, r) or not (a.is_floating_point() and b.is_floating_point()):
                 raise ServingError(f"adapter '{name}': module '{mod}' needs A ({r}, {in_f}) and B ({out_f}, {r}), the "
@@ -262,8 +286,9 @@ class AdapterRegistry:
         return HostAdapter(name, path, factors, template, prompt, nbytes, ms)
 
     # --- slots (the scheduler's thread) ------------------------------------------------------------
-    def acquire(self, name: str) -> int:
-        """Pin ``name`` in a slot (copying it in if needed) and return the slot; NoFreeSlot if all are pinned."""
+    def acquire(self, name: str, load: bool = True) -> int:
+        """Pin ``name`` in a slot (copying it in if needed) and return the slot; NoFreeSlot if all are pinned.
+        ``load=False``: NotLoaded, without reading anything, if it is neither in a slot nor in host memory."""
         with self._lock:
             if name in self.slots:
                 self.slots.move_to_end(name)
@@ -271,6 +296,11 @@ class AdapterRegistry:
                 return self.slots[name]
             if name not in self.paths:
                 raise ServingError(f"the model `{name}` does not exist", status=404, param="model")
+            host = self.host.get(name)  # (held here: a read on another thread may evict it meanwhile)
+            if host is None and not load:
+                raise NotLoaded(f"adapter '{name}' is not in host memory yet")
+            if host is not None:
+                self.host.move_to_end(name)
             used = set(self.slots.values())
             free = [s for s in range(1, self.max_loras + 1) if s not in used]
             if not free:
@@ -279,7 +309,7 @@ class AdapterRegistry:
                     raise NoFreeSlot(f"all {self.max_loras} adapter slots are in use")
                 free = [self._free(victim)]
                 self.stats.evictions += 1
-        host = self.host_adapter(name)
+        host = host or self.host_adapter(name)
         with self._lock:
             slot = free[0]
             self._copy_in(slot, host)
@@ -344,11 +374,6 @@ class AdapterRegistry:
     def resident(self) -> int:
         with self._lock:
             return len(self.slots)
-
-
-def _out_in(layer: LoraLayer) -> tuple[int, int]:
-    w = layer.weight
-    return (w.shape[1], w.shape[0]) if getattr(layer, "fan_in_fan_out", False) else (w.shape[0], w.shape[1])
 
 
 def _chat_files(path: Path) -> tuple[str | None, str | None]:

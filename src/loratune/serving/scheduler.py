@@ -5,6 +5,15 @@ active sequence, each with its own adapter; new requests join between steps and 
 finished; "sequential" runs one request at a time (the baselines the benchmark compares). Batches are bounded in
 sequences (``max_batch``) and in tokens (``max_batch_tokens``: prompt + max_tokens of every active sequence). A
 request whose adapter needs a slot while every slot is pinned waits; one that fails fails alone.
+
+With a loader (``loader_threads`` ≥ 1, the third design), an adapter that is neither in a slot nor in host memory is
+read on the loader's threads while decoding goes on: before each admission the scheduler asks the loader for the
+adapters the waiting requests need (first needed first, at most ``max_cpu_loras``, kept from host eviction until
+admitted), and "continuous" admits a request once its adapter is in host memory, passing over requests whose
+adapter is still being read. A failed read fails the requests that wait for that adapter, with the error a read on
+the scheduler's thread gives. "static" and "sequential" keep their order (they wait for a read the loader started
+while the previous batch ran). Without a loader a cold adapter is read on the scheduler's thread when its request
+joins (the first two designs), and every running sequence waits meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .engine import Engine, Sampler, Sampling
-from .registry import AdapterRegistry, NoFreeSlot, ServingError
+from .loader import AdapterLoader
+from .registry import AdapterRegistry, NoFreeSlot, NotLoaded, ServingError
 
 POLICIES = ("continuous", "static", "sequential")
 _ids = itertools.count()
@@ -57,9 +67,11 @@ class Scheduler:
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, eos_ids: set[int], max_batch: int = 32,
                  max_batch_tokens: int = 16384, policy: str = "continuous", batch_prefill: bool = True,
-                 prefill_tokens: int = 4096):
+                 prefill_tokens: int = 4096, loader_threads: int = 0):
         """``batch_prefill``: the requests that join between two steps are prefilled together, in left-padded
-        forwards of at most ``prefill_tokens`` tokens (False: one at a time, the first design)."""
+        forwards of at most ``prefill_tokens`` tokens (False: one at a time, the first design). ``loader_threads``:
+        read cold adapters on that many threads while decoding goes on (0: on this thread, as the first two
+        designs)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.batch_prefill, self.prefill_tokens = batch_prefill, prefill_tokens
@@ -71,6 +83,8 @@ class Scheduler:
         self.counters = Counters()
         self._wake = threading.Condition()
         self._stop = False
+        self._news = False  # a request came or a read finished since the last admission
+        self.loader = AdapterLoader(registry, loader_threads, self._notify) if loader_threads else None
         self._thread = threading.Thread(target=self._loop, name="loratune-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -81,13 +95,22 @@ class Scheduler:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        if self.loader is not None:
+            self.loader.stop()
 
     def submit(self, seq: Sequence) -> Sequence:
         with self._wake:
             self.waiting.append(seq)
             self.counters.requests += 1
+            self._news = True
             self._wake.notify()
         return seq
+
+    def _notify(self) -> None:
+        """The loader finished a read (on its thread): admission may take a waiting request now."""
+        with self._wake:
+            self._news = True
+            self._wake.notify()
 
     def queue_length(self) -> int:
         return len(self.waiting)
@@ -98,8 +121,12 @@ class Scheduler:
             with self._wake:
                 while not self._stop and not self.waiting and not self.active:
                     self._wake.wait(timeout=1.0)
+                if not self._stop and not self.active and not self._news:
+                    # nothing runs and the last admission took nothing (adapters being read): wait for news
+                    self._wake.wait(timeout=0.5)
                 if self._stop:
                     break
+                self._news = False
             try:
                 self._admit()
                 if self.active:
@@ -117,44 +144,74 @@ class Scheduler:
         return sum(len(s.prompt) + s.params.max_tokens for s in seqs)
 
     def _admit(self) -> None:
-        if self.policy == "static" and self.active:
-            return
-        joined, kvs, skipped = [], [], []
         with self._wake:
             candidates = list(self.waiting)
+        if self.loader is not None:
+            candidates = self._prefetch(candidates)
+        if self.policy == "static" and self.active:
+            return
+        lazy = self.loader is not None and self.policy == "continuous"  # pass over requests whose adapter is read
+        joined, kvs = [], []
         for seq in candidates:
             if len(self.active) + len(joined) >= self.max_batch:
                 break
             if self._budget([*self.active, *joined, seq]) > self.max_tokens and (self.active or joined):
                 break
-            with self._wake:
-                self.waiting.remove(seq)
             if seq.cancelled:
+                self._leave(seq)
                 continue
             try:
                 if seq.adapter is not None:
-                    seq.slot = self.registry.acquire(seq.adapter)
+                    seq.slot = self.registry.acquire(seq.adapter, load=not lazy)
                 if not self.batch_prefill:
                     logits, kv = self.engine.prefill(seq.prompt, seq.slot)
-            except NoFreeSlot:
-                skipped.append(seq)
-                continue
+            except (NoFreeSlot, NotLoaded):
+                continue  # stays in the queue, in its place
             except Exception as e:
+                self._leave(seq)
                 self._fail(seq, e if isinstance(e, ServingError) else ServingError(f"generation failed: {e}", 500))
                 continue
+            self._leave(seq)
             if self.batch_prefill:
                 joined.append(seq)  # prefilled together below
             elif not self._started(seq, logits):
                 joined.append(seq)
                 kvs.append(kv)
-        if skipped:
-            with self._wake:
-                self.waiting.extendleft(reversed(skipped))
         if joined and self.batch_prefill:
             joined, kvs = self._prefill_together(joined)
         if joined:
             self.engine.join(kvs)
             self.active += joined
+
+    def _leave(self, seq: Sequence) -> None:
+        with self._wake:
+            self.waiting.remove(seq)
+            self._news = True  # the queue moved: the next admission may take more
+
+    def _prefetch(self, candidates: list[Sequence]) -> list[Sequence]:
+        """Fail the waiting requests whose adapter failed to read or was unloaded; have the loader read (and the
+        registry keep) the adapters the others need, first needed first, at most ``max_cpu_loras``. The rest."""
+        failures = self.loader.take_failures()
+        keep, need = [], []
+        for seq in candidates:
+            name, where, err = seq.adapter, "slot", None
+            if name is not None and not seq.cancelled:
+                err = failures.get(name)
+                if err is None:
+                    try:
+                        where = self.registry.state(name)
+                    except ServingError as e:  # unloaded while it waited: 404, as at admission
+                        err = e
+            if err is not None:
+                self._leave(seq)
+                self._fail(seq, err)
+                continue
+            keep.append(seq)
+            if where != "slot" and name not in need and len(need) < self.registry.max_cpu_loras:
+                need.append(name)
+        self.registry.protect(need)
+        self.loader.want(need)
+        return keep
 
     def _started(self, seq: Sequence, logits) -> bool:
         """Count the prompt and sample the first token; True if ``seq`` finished already."""

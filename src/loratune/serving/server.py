@@ -14,7 +14,8 @@ from .protocol import Parsed
 from .registry import AdapterRegistry, ServingError
 from .scheduler import Scheduler, Sequence
 
-DESIGN = "v2"  # the default ``Server(design=)``; benchmarks/serving_client.py sets "v1" to run the first design
+DESIGN = "v3"  # the default ``Server(design=)``; benchmarks/serving_client.py sets "v1"/"v2" to run earlier designs
+DESIGNS = ("v1", "v2", "v3")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -25,12 +26,17 @@ class Server:
     def __init__(self, model: nn.Module, tokenizer, base_id: str, *, root: str | Path | None = None,
                  adapters: dict[str, str | Path] | None = None, max_loras: int = 8, max_cpu_loras: int | None = None,
                  max_lora_rank: int = 16, max_batch: int = 32, max_batch_tokens: int = 16384,
-                 policy: str = "continuous", base_root: str | None = None, design: str | None = None):
-        """``design``: "v2" (default: fast mixed paths, batched prefill) or "v1" (the first design, kept as the
-        benchmark's contestant; the module's ``DESIGN`` gives the default)."""
+                 policy: str = "continuous", base_root: str | None = None, design: str | None = None,
+                 adapter_loaders: int = 1):
+        """``design``: "v3" (default: v2 with cold adapters read by ``adapter_loaders`` loader threads while decoding
+        goes on), "v2" (fast mixed paths, batched prefill, cold adapters read on the scheduler's thread) or "v1" (the
+        first design); the earlier two are kept as the benchmark's contestants, the module's ``DESIGN`` gives the
+        default. ``adapter_loaders=0`` makes v3 read on the scheduler's thread, as v2."""
         design = design or DESIGN
-        if design not in ("v1", "v2"):
-            raise LoraTuneError(f"design must be v1 or v2, got {design!r}")
+        if design not in DESIGNS:
+            raise LoraTuneError(f"design must be one of {', '.join(DESIGNS)}, got {design!r}")
+        if adapter_loaders < 0:
+            raise LoraTuneError(f"--adapter-loaders must be 0 or more, got {adapter_loaders}")
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -44,8 +50,11 @@ class Server:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.scheduler = Scheduler(Engine(model, self.registry, fast=design == "v2"), self.registry, tokenizer,
-                                   self.eos, max_batch, max_batch_tokens, policy, batch_prefill=design == "v2")
+        fast = design != "v1"
+        self.scheduler = Scheduler(Engine(model, self.registry, fast=fast), self.registry, tokenizer, self.eos,
+                                   max_batch, max_batch_tokens, policy, batch_prefill=fast,
+                                   loader_threads=adapter_loaders if design == "v3" else 0)
+        self.design = design
         self.created = int(time.time())
 
     def start(self) -> Server:
@@ -123,6 +132,8 @@ class Server:
                 ("host_adapters", "gauge", "adapters loaded in host memory", len(r.host)),
                 ("registered_adapters", "gauge", "adapters that requests may name", len(r.paths)),
                 ("adapter_loads_total", "counter", "adapter files read", r.stats.loads),
+                ("adapter_reads_pending", "gauge", "adapter reads queued or under way on the loader threads",
+                 self.scheduler.loader.pending() if self.scheduler.loader is not None else 0),
                 ("adapter_swaps_total", "counter", "adapters copied into a slot", r.stats.swaps),
                 ("adapter_evictions_total", "counter", "adapters evicted from a slot", r.stats.evictions)]
         lines = []
