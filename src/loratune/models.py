@@ -73,6 +73,16 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
                         "HuggingFaceTB/SmolLM2-360M-Instruct")
 
 
+def base_reference(name: str) -> str:
+    """What an adapter records as its base (``base_model_name_or_path``): something transformers and PEFT resolve
+    on their own. A bundled name becomes its HF-format copy's absolute path (the converted GGUF in loratune's cache,
+    or the package's folder), a local path is made absolute, a hub id stays as it is."""
+    if name in BUNDLED:
+        return str(resolve_model_path(name).resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the hub spells them
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # never pickles
 

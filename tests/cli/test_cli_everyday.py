@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +262,37 @@ def test_quickstart_summary_labels_a_hit_and_a_miss(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[2:] == ["  base model     0.0%", "      hit   (none)", "      miss  'bad0', expected 'ref0'",
                          "  with LoRA     66.7%", "      hit   'ref0'", "      miss  'bad1', expected 'ref1'"]
+
+
+def test_an_adapter_names_a_resolvable_base_and_falls_back_to_the_recorded_name(tmp_path, tiny_dir):
+    """base_reference: a local path made absolute, a hub id kept; recorded_base: a recorded path that no longer
+    exists falls back to the base's own name that `loratune train` kept in loratune_prompt.json."""
+    from loratune.adapters.files import PROMPT_NAME, recorded_base
+    from loratune.models import base_reference
+
+    assert base_reference("tiny-org/not-here") == "tiny-org/not-here"
+    assert base_reference(str(tiny_dir)) == str(Path(tiny_dir).resolve())
+    from safetensors.torch import save_file
+
+    d = tmp_path / "a"
+    d.mkdir()
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(2, 4)}, d / "adapter_model.safetensors")
+    gone = str(tmp_path / "moved-away")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                       "target_modules": ["q_proj"], "base_model_name_or_path": gone}))
+    assert recorded_base(d) == gone  # nothing recorded besides: the path is all there is
+    (d / PROMPT_NAME).write_text(json.dumps({"system_prompt": None, "base_model": "smollm2-135m-instruct"}))
+    assert recorded_base(d) == "smollm2-135m-instruct"
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                       "target_modules": ["q_proj"],
+                                                       "base_model_name_or_path": str(tiny_dir)}))
+    assert recorded_base(d) == str(tiny_dir)  # an existing path wins
+
+
+@pytest.mark.bundled
+def test_the_bundled_name_is_recorded_as_its_converted_copy():
+    from loratune.models import base_reference, resolve_model_path
+
+    ref = base_reference("smollm2-135m-instruct")
+    assert Path(ref).is_absolute() and (Path(ref) / "config.json").is_file()
+    assert ref == str(resolve_model_path("smollm2-135m-instruct").resolve())

@@ -23,6 +23,22 @@ from .config import LoraConfig
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 QUANT_NAME = "loratune_quantization.json"
+PROMPT_NAME = "loratune_prompt.json"  # what `loratune train` adds: system prompt, and the base by loratune's name
+
+
+def recorded_base(directory: str | Path) -> str | None:
+    """The base an adapter directory names: its ``base_model_name_or_path``, unless that is a path that no longer
+    exists (an adapter copied to another machine, a cleared cache) and ``loratune train`` recorded the base's own
+    name (``"base_model"`` in loratune_prompt.json, e.g. a bundled name), which is then returned instead."""
+    saved = read_adapter_config(directory).base_model_name_or_path
+    if saved and (Path(saved).expanduser().exists() or not Path(saved).is_absolute()):
+        return saved
+    try:
+        meta = json.loads((Path(directory) / PROMPT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return saved
+    name = meta.get("base_model") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and name else saved
 
 
 def save_adapter(lora_model, directory: Path, name: str) -> None:

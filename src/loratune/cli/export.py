@@ -34,13 +34,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_export(args) -> int:
     """Run ``loratune export`` as parsed by ``add_parser``'s subcommand; prints what it wrote and how to run it."""
-    from ..adapters.files import read_adapter_config
+    from ..adapters.files import read_adapter_config, recorded_base
     from ..formats import gguf as G
     from ..formats.gguf_model import MODEL_OUTTYPES, export_merged
 
     adapter = Path(args.adapter)
     cfg = read_adapter_config(adapter)
-    base = args.model or cfg.base_model_name_or_path or G.DEFAULT_BASE
+    base = args.model or recorded_base(adapter) or G.DEFAULT_BASE
     outtype = args.outtype or OUTTYPE_DEFAULTS[args.format]
     name = args.name or adapter.resolve().name
     out = Path(args.out)

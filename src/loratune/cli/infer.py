@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import devices
 from ..adapters import LoraModel
-from ..adapters.files import read_adapter_config, read_quantization
+from ..adapters.files import read_quantization, recorded_base
 from ..data import DataConfig, prepare_eval
 from ..errors import AdapterFileError, LoraTuneError
 from ..models import load_base_model
@@ -27,7 +27,7 @@ def load_for_inference(adapter: str | None, model_name: str | None, system_promp
 
     where = devices.resolve_device(device, key="--device")
     precision = devices.resolve_dtype(dtype, where, key="--dtype")
-    saved = read_adapter_config(adapter).base_model_name_or_path if adapter else None
+    saved = recorded_base(adapter) if adapter else None
     name = model_name or saved or "smollm2-135m-instruct"
     model, tok = load_base_model(name, dtype=precision, device=where, **_base_quantization(adapter))
     require_causal_lm(model, name)

@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from .. import devices, ops, settings
 from ..adapters import LoraModel, get_lora_model, variants
-from ..adapters.files import load_adapter_weights
+from ..adapters.files import PROMPT_NAME, load_adapter_weights
 from ..data import DataConfig, PreparedData, collate, prepare
 from ..errors import ConfigWarning, LoraTuneError
 from ..fsutil import atomic_dir, save_json, write_text
-from ..models import BUNDLED, load_base_model
+from ..models import base_reference, load_base_model
 from . import distributed
 from .checkpoints import (
     TrainingError,
@@ -43,7 +43,7 @@ from .optim import global_batch, lr_lambda, make_optimizer, total_steps
 from .rundir import check_output_dir, claim_output_dir, read_history, write_loss_curve
 from .tracking import RunLog, check_trackers
 
-PROMPT_FILE = "loratune_prompt.json"  # how prompts were built in training, for eval/generate/chat
+PROMPT_FILE = PROMPT_NAME  # how prompts were built in training (and the base's own name), for eval/generate/chat
 __all__ = ["PROMPT_FILE", "RunResult", "TrainingError", "require_causal_lm", "train"]
 
 
@@ -77,11 +77,6 @@ def require_causal_lm(model, name: str) -> None:
         raise LoraTuneError(f"model '{name}' is a {type(model).__name__}, not a causal language model; train, "
                             "eval, generate and chat need one (e.g. model=smollm2-135m-instruct). Classifiers are "
                             "fine-tuned through the Python API (LoraConfig(task_type='SEQ_CLS'))")
-
-
-def _model_reference(name: str) -> str:
-    """What the adapter records as its base: a bundled name as is, a local path made absolute."""
-    return name if name in BUNDLED or not Path(name).exists() else str(Path(name).resolve())
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -125,7 +120,8 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             print("data\n  " + "\n  ".join(data.report_lines()), flush=True)
     torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
     lcfg = cfg.lora_config()
-    lcfg.base_model_name_or_path = lcfg.base_model_name_or_path or _model_reference(cfg.model.name)
+    if not lcfg.base_model_name_or_path:  # a path PEFT's AutoPeftModel resolves (the bundled model's HF copy)
+        lcfg.base_model_name_or_path = cfg.model.name if model_and_tokenizer else base_reference(cfg.model.name)
     lm = get_lora_model(model, lcfg)
     # Only now, with model, data and adapter config known to work, does the run take the output dir: a run that
     # fails validation leaves nothing behind that would block the corrected command.
@@ -230,7 +226,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
                 if cfg.data.chat_template:
                     tok.chat_template = cfg.data.chat_template
                 tok.save_pretrained(tmp)  # the chat template travels with the adapter
-                save_json({"system_prompt": cfg.data.system_prompt}, tmp / PROMPT_FILE)
+                save_json({"system_prompt": cfg.data.system_prompt, "base_model": cfg.model.name}, tmp / PROMPT_FILE)
             write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()
