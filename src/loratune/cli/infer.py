@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import devices
 from ..adapters import LoraModel
-from ..adapters.files import read_quantization, recorded_base
+from ..adapters.files import read_adapter_config, read_quantization, recorded_base
 from ..data import DataConfig, prepare_eval
 from ..errors import AdapterFileError, LoraTuneError
 from ..models import load_base_model
@@ -43,6 +43,11 @@ def load_for_inference(adapter: str | None, model_name: str | None, system_promp
     if system_prompt is None:
         system_prompt = _saved_system_prompt(Path(adapter) / PROMPT_FILE)
     return LoraModel.from_pretrained(model, adapter), tok, system_prompt
+
+
+def is_classifier(adapter: str) -> bool:
+    """Whether the adapter in ``adapter`` was trained for sequence classification (PEFT's task_type SEQ_CLS)."""
+    return read_adapter_config(adapter).task_type == "SEQ_CLS"
 
 
 def _base_quantization(adapter: str | None) -> dict:
@@ -104,6 +109,10 @@ def cmd_eval(args) -> int:
     if getattr(args, "no_base", False) and not args.adapter:
         raise LoraTuneError("--no-base leaves nothing to evaluate without --adapter; give --adapter DIR, or drop "
                             "--no-base to evaluate the base model")
+    if args.adapter and is_classifier(args.adapter):  # accuracy, macro-F1, confusion matrix (cli/classify.py)
+        from .classify import cmd_eval_classifier
+
+        return cmd_eval_classifier(args)
     model, tok, system_prompt = _load(args)
     examples, _ = prepare_eval(DataConfig(train=args.data, format=args.format, system_prompt=system_prompt), tok)
     progress = not getattr(args, "no_progress", False)

@@ -18,6 +18,10 @@ from .output import print_summary
 
 def cmd_train(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    if cfg.task == "classification":  # an encoder with a label head: its own loop, reports and dry run
+        from .classify import cmd_train_classifier
+
+        return cmd_train_classifier(cfg, args)
     if args.dry_run:
         return dry_run(cfg)
     result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
