@@ -23,6 +23,8 @@ _PEFT_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
 }
 # PEFT bookkeeping fields that carry no meaning for the adapter's math.
+# AdaLoRA's own fields (PEFT's AdaLoraConfig); written to adapter_config.json for AdaLoRA adapters only.
+ADALORA_FIELDS = ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 _PEFT_IGNORED = {
     "peft_type", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
@@ -36,6 +38,13 @@ class LoraConfig:
 
     ``target_modules``: a list matches a module's full name or a dotted suffix of it, a str is a regex
     that must match the full name, ``"all-linear"`` is every Linear/Conv1D except the output head.
+
+    ``use_adalora`` makes the adapter PEFT's AdaLoRA (its ``AdaLoraConfig``, ``peft_type: ADALORA`` in the files;
+    ``AdaLoraConfig`` below is this class with the switch on): ``init_r`` triplets per layer (``r`` is unused),
+    pruned by the rank allocator to ``target_r`` per layer on average between ``tinit`` and
+    ``total_step - tfinal`` (every ``deltaT`` steps), with ``beta1``/``beta2`` smoothing and ``orth_reg_weight``;
+    ``rank_pattern`` then holds PEFT's kept-triplet masks (``{"<module>.lora_E": [bool] * init_r}``).
+    ``total_step`` may be left None for a run of ``loratune train``: the run's step count fills it.
     """
 
     r: int = 8
@@ -51,11 +60,22 @@ class LoraConfig:
     loftq_config: dict[str, Any] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    rank_pattern: dict[str, Any] = field(default_factory=dict)  # int ranks; AdaLoRA: kept-triplet masks
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    # AdaLoRA (PEFT's AdaLoraConfig fields, same names and defaults)
+    use_adalora: bool = False
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1  # noqa: N815 (PEFT's name)
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise containers so that a set or tuple from user code behaves like PEFT's list.
@@ -65,6 +85,9 @@ class LoraConfig:
                 setattr(self, name, sorted(value))
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
+        for name in ("rank_pattern", "alpha_pattern"):  # PEFT's AdaLoRA writes null for "none"
+            if getattr(self, name) is None:
+                setattr(self, name, {})
         problems = self._problems()
         if problems:
             raise ConfigError("invalid LoraConfig: " + "; ".join(problems))
@@ -101,7 +124,7 @@ class LoraConfig:
             if not isinstance(getattr(self, name), dict):
                 p.append(f"{name} must be a mapping of module-name patterns to values, got {getattr(self, name)!r}")
                 setattr(self, name, {})
-        for key, value in self.rank_pattern.items():
+        for key, value in self.rank_pattern.items() if not self.use_adalora else ():
             if not _is_int(value) or value <= 0:
                 p.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
             p.extend(_regex_problems(f"rank_pattern key {key!r}", str(key)))
@@ -119,11 +142,18 @@ class LoraConfig:
 
     # --- PEFT's adapter_config.json -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """This config as PEFT writes it to adapter_config.json (PEFT-only fields at their defaults)."""
+        """This config as PEFT writes it to adapter_config.json (PEFT-only fields at their defaults): a LoraConfig,
+        or with ``use_adalora`` an AdaLoraConfig (``peft_type: ADALORA``, its fields, no ``use_adalora`` key)."""
         d = dataclasses.asdict(self)
         d.update(_PEFT_UNSUPPORTED_DEFAULTS)
         d.update(peft_type="LORA", inference_mode=True, revision=None, auto_mapping=None,
                  megatron_core="megatron.core")
+        del d["use_adalora"]
+        if self.use_adalora:
+            d.update(peft_type="ADALORA", rank_pattern=d["rank_pattern"] or None)
+        else:
+            for name in ADALORA_FIELDS:
+                del d[name]
         return dict(sorted(d.items()))
 
     @classmethod
@@ -137,8 +167,11 @@ class LoraConfig:
             elif key in _PEFT_UNSUPPORTED_DEFAULTS:
                 if value not in (_PEFT_UNSUPPORTED_DEFAULTS[key], {}, []):
                     problems.append(f"{key}={value!r} is a PEFT feature loratune does not support yet")
+            elif key == "peft_type" and value == "ADALORA":
+                kwargs["use_adalora"] = True
             elif key == "peft_type" and value != "LORA":
-                problems.append(f"peft_type is {value!r}, but loratune loads LoRA adapters only")
+                problems.append(f"peft_type is {value!r}, but loratune loads LoRA adapters only (peft_type LORA or "
+                                "ADALORA)")
             elif key not in _PEFT_IGNORED:
                 problems.append(f"unknown key {key!r}{closest(key, names)}")
         if problems:
@@ -172,6 +205,27 @@ def _checked_init(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
 LoraConfig.__init__ = _checked_init  # type: ignore[method-assign]
 
 
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """PEFT's ``AdaLoraConfig``: a ``LoraConfig`` with ``use_adalora`` on (see LoraConfig for the fields)."""
+
+    use_adalora: bool = True
+
+
+_ada_dataclass_init = AdaLoraConfig.__init__
+
+
+def _ada_checked_init(self: AdaLoraConfig, *args: Any, **kwargs: Any) -> None:
+    names = [f.name for f in dataclasses.fields(AdaLoraConfig)]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise ConfigError("AdaLoraConfig: " + "; ".join(f"unknown key {k!r}{closest(k, names)}" for k in unknown))
+    _ada_dataclass_init(self, *args, **kwargs)
+
+
+AdaLoraConfig.__init__ = _ada_checked_init  # type: ignore[method-assign]
+
+
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
@@ -201,7 +255,67 @@ def _variant_problems(c: LoraConfig) -> list[str]:
             p.append(f"loftq_config has unknown key(s) {unknown}; it takes loftq_bits and loftq_iter")
     elif c.loftq_config:
         p.append(f'loftq_config only applies with init_lora_weights="loftq" (it is {init!r}); remove loftq_config')
+    p.extend(_adalora_problems(c))
     return p
+
+
+def _adalora_problems(c: LoraConfig) -> list[str]:
+    """Problems with AdaLoRA's fields (``use_adalora`` and PEFT's AdaLoraConfig fields)."""
+    if not isinstance(c.use_adalora, bool):
+        return [f"use_adalora must be true or false, got {c.use_adalora!r}"]
+    if not c.use_adalora:
+        changed = [f.name for f in dataclasses.fields(LoraConfig) if f.name in ADALORA_FIELDS
+                   and getattr(c, f.name) != f.default]
+        return [f"{changed[0]} only applies with use_adalora: true (AdaLoRA's field{'s' if len(changed) > 1 else ''} "
+                f"{', '.join(changed)} set); set use_adalora: true or remove {'them' if len(changed) > 1 else 'it'}"
+                ] if changed else []
+    p: list[str] = []
+    for name in ("target_r", "init_r", "deltaT"):
+        if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
+            p.append(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+    for name in ("tinit", "tfinal"):
+        if not _is_int(getattr(c, name)) or getattr(c, name) < 0:
+            p.append(f"{name} must be a non-negative integer (a number of steps), got {getattr(c, name)!r}")
+    for name in ("beta1", "beta2"):
+        if not _is_number(getattr(c, name)) or not 0 < getattr(c, name) < 1:
+            p.append(f"{name} must be in (0, 1), got {getattr(c, name)!r} (PEFT's default: 0.85)")
+    if not _is_number(c.orth_reg_weight) or not 0 <= c.orth_reg_weight < math.inf:
+        p.append(f"orth_reg_weight must be a number >= 0, got {c.orth_reg_weight!r} (PEFT's default: 0.5)")
+    if c.total_step is not None and (not _is_int(c.total_step) or c.total_step < 1):
+        p.append(f"total_step must be a positive integer (the number of optimizer steps), got {c.total_step!r}")
+    if p:
+        return p
+    if c.target_r > c.init_r:
+        p.append(f"target_r ({c.target_r}) must not exceed init_r ({c.init_r}): AdaLoRA prunes from init_r down to "
+                 "target_r triplets per layer")
+    if c.total_step is not None:
+        p.extend(schedule_problems(c, c.total_step))
+    if c.use_dora:
+        p.append("use_adalora cannot be combined with use_dora (PEFT's AdaLoRA has no DoRA); set one of them to false")
+    if isinstance(c.init_lora_weights, str) and c.init_lora_weights != "gaussian":
+        p.append(f"init_lora_weights={c.init_lora_weights!r} does not apply to AdaLoRA (its triplets start at E = 0, "
+                 "A and B random); set init_lora_weights: true")
+    if c.use_rslora:
+        p.append("use_rslora does not apply to AdaLoRA (its scale is lora_alpha / the layer's rank); set "
+                 "use_rslora: false")
+    if c.alpha_pattern:
+        p.append("alpha_pattern does not apply to AdaLoRA (PEFT's AdaLoRA uses lora_alpha everywhere); remove it")
+    for key, mask in c.rank_pattern.items():
+        if not isinstance(key, str) or not key.endswith(".lora_E") or not isinstance(mask, list) \
+                or len(mask) != c.init_r or not all(isinstance(m, bool) for m in mask):
+            p.append(f"rank_pattern[{key!r}] is not an AdaLoRA mask: with use_adalora, rank_pattern maps "
+                     f"'<module>.lora_E' to init_r ({c.init_r}) true/false values, as the rank allocator writes it; "
+                     "remove rank_pattern (the allocator fills it)")
+            break
+    return p
+
+
+def schedule_problems(c: LoraConfig, total_step: int) -> list[str]:
+    """The problem with AdaLoRA's schedule over ``total_step`` steps: no step left for the budget to fall."""
+    if c.tinit + c.tfinal >= total_step:
+        return [f"tinit + tfinal ({c.tinit} + {c.tfinal}) must be below total_step ({total_step}): AdaLoRA then "
+                "has no steps to prune ranks in; lower tinit/tfinal or train for more steps"]
+    return []
 
 
 def _is_int(v: Any) -> bool:

@@ -48,7 +48,7 @@ def save_adapter(lora_model, directory: Path, name: str) -> None:
     d = cfg.to_dict()
     d["base_model_name_or_path"] = cfg.base_model_name_or_path or base or None
     try:
-        save_tensors(state.adapter_tensors(lora_model.model, cfg, name), directory / WEIGHTS_NAME,
+        save_tensors(state.file_tensors(lora_model.model, cfg, name), directory / WEIGHTS_NAME,
                      metadata={"format": "pt"})
         settings = quant.quantization_settings(lora_model.model)
         if settings is not None:
@@ -129,4 +129,5 @@ def load_adapter_weights(lora_model, directory: str | Path, name: str) -> None:
     shape, and that the base is quantized as the adapter's was (``check_base_quantization``)."""
     check_base_quantization(lora_model, directory)
     found = read_adapter_tensors(directory)
-    state.load_adapter_state(lora_model.model, lora_model.peft_config[name], name, found, str(directory))
+    state.load_adapter_state(lora_model.model, lora_model.peft_config[name], name, found, str(directory),
+                             saved=read_adapter_config(directory))  # (AdaLoRA: its rank_pattern)

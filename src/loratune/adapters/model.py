@@ -111,7 +111,7 @@ class LoraModel(nn.Module):
             layer = module if isinstance(module, LoraLayer) else cls(module)
             if layer is not module:
                 self.model.set_submodule(path, layer)
-            layer.add_adapter(name, r=pattern_value(cfg.rank_pattern, path, cfg.r),
+            layer.add_adapter(name, r=variants.layer_rank(cfg, path),  # (AdaLoRA: init_r)
                               lora_alpha=pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha),
                               dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, init=cfg.init_lora_weights,
                               variant=variant)

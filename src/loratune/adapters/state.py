@@ -2,9 +2,10 @@
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` (adapter name stripped), A shaped (r, in) and B (out, r);
 embeddings use ``lora_embedding_A``/``lora_embedding_B``; DoRA's magnitude is ``<module path>.lora_magnitude_vector``
-(out,); modules_to_save and trained biases appear under their plain parameter names. ``merged_state_dict`` adds an
-adapter's ΔW to a base model's state dict without any model: the base that composition, rank tools and export build
-on.
+(out,); AdaLoRA's triplets are ``<module path>.lora_A`` (r, in), ``.lora_B`` (out, r) and ``.lora_E`` (r, 1), cut in
+files to the triplets its ``rank_pattern`` keeps (``file_tensors``; loading spreads them back); modules_to_save and
+trained biases appear under their plain parameter names. ``merged_state_dict`` adds an adapter's ΔW to a base model's
+state dict without any model: the base that composition, rank tools and export build on.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, ConfigError
 from . import functional as LF
 from . import variants
 from .config import LoraConfig
 from .layers import LoraLayer, ModulesToSave
 from .targets import pattern_value
+from .variants.adalora import KEYS as ADALORA_KEYS
 
 PREFIX = "base_model.model."
-_FACTORS = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
+_FACTORS = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B", ".lora_A": ".lora_B"}
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, one per output (PEFT's key)
+ADALORA_E = ".lora_E"  # AdaLoRA's singular values (r, 1) (PEFT's key; its A and B are ".lora_A"/".lora_B")
 
 
 def bias_params(model: nn.Module, mode: str) -> list[nn.Parameter]:
@@ -48,6 +51,9 @@ def adapter_tensors(model: nn.Module, config: LoraConfig, name: str) -> dict[str
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and name in module.adapters:
             ad = module.adapters[name]
+            if getattr(ad, "lora_E", None) is not None:  # AdaLoRA's triplets: PEFT's keys carry no ".weight"
+                out.update({f"{PREFIX}{path}.{k}": getattr(ad, k) for k in ADALORA_KEYS})
+                continue
             key_a, key_b = module.peft_keys
             out[f"{PREFIX}{path}.{key_a}"] = ad.lora_A
             out[f"{PREFIX}{path}.{key_b}"] = ad.lora_B
@@ -72,11 +78,69 @@ def adapter_tensors(model: nn.Module, config: LoraConfig, name: str) -> dict[str
     return out
 
 
+def file_tensors(model: nn.Module, config: LoraConfig, name: str) -> dict[str, torch.Tensor]:
+    """What adapter ``name``'s file holds: ``adapter_tensors``, with an AdaLoRA adapter's triplets cut to those its
+    ``rank_pattern`` keeps (as PEFT saves them). An AdaLoRA adapter needs ``total_step`` (PEFT refuses a file
+    without it)."""
+    out = adapter_tensors(model, config, name)
+    if not config.use_adalora:
+        return out
+    if config.total_step is None:
+        raise ConfigError(f"adapter '{name}' is AdaLoRA without total_step, which PEFT's AdaLoraConfig needs to load "
+                          "it; set total_step in its LoraConfig (loratune train fills it with the run's step count)")
+    for key, mask in config.rank_pattern.items():
+        path = key[: -len(ADALORA_E)]
+        if f"{PREFIX}{path}.lora_A" not in out:
+            raise ConfigError(f"adapter '{name}': rank_pattern names {key!r}, which is not one of its AdaLoRA layers; "
+                              "remove that entry")
+        keep = torch.tensor(mask, device=out[f"{PREFIX}{path}.lora_A"].device)
+        for k in ADALORA_KEYS:
+            t = out[f"{PREFIX}{path}.{k}"].detach()
+            out[f"{PREFIX}{path}.{k}"] = t[:, keep] if k == "lora_B" else t[keep]
+    return out
+
+
+def _spread_adalora(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], pattern: dict,
+                    source: str) -> dict[str, torch.Tensor]:
+    """``found`` with each AdaLoRA layer's kept triplets (a file cut by ``pattern``, PEFT's ``rank_pattern``) put
+    back into their slots of the full-rank layer, the dropped ones zero (E = 0: the layer computes what PEFT's
+    kept-rank layer does). Tensors not cut are left as they are."""
+    found = dict(found)
+    for key, mask in pattern.items():
+        path = key[: -len(ADALORA_E)]
+        target = expected.get(f"{PREFIX}{path}.lora_A")
+        if target is None:
+            raise AdapterFileError(f"adapter in {source}: rank_pattern names {key!r}, which is not an AdaLoRA layer of "
+                                   "this model; was it made for another architecture?")
+        if len(mask) != target.shape[0]:
+            raise AdapterFileError(f"adapter in {source}: rank_pattern[{key!r}] has {len(mask)} entries but the "
+                                   f"layer has init_r = {target.shape[0]} triplets; re-save the adapter")
+        keep = torch.tensor(mask)
+        for k in ADALORA_KEYS:
+            fkey = f"{PREFIX}{path}.{k}"
+            t = found.get(fkey)
+            cut = t is not None and (t.shape[1] if k == "lora_B" else t.shape[0]) == int(keep.sum()) != len(mask)
+            if cut:
+                full = torch.zeros(expected[fkey].shape, dtype=t.dtype)
+                if k == "lora_B":
+                    full[:, keep] = t
+                else:
+                    full[keep] = t
+                found[fkey] = full
+    return found
+
+
 def load_adapter_state(model: nn.Module, config: LoraConfig, name: str, found: dict[str, torch.Tensor],
-                       source: str) -> None:
+                       source: str, saved: LoraConfig | None = None) -> None:
     """Copy ``found`` (PEFT keys) into adapter ``name`` (already injected), checking every key and shape first;
-    ``source`` names where the tensors came from, in errors."""
+    ``source`` names where the tensors came from, in errors. ``saved``: the file's own config where it may differ
+    from ``config`` (a checkpoint loaded into a run's adapter): an AdaLoRA file's triplets are spread back by its
+    ``rank_pattern``, which the adapter then takes."""
     expected = adapter_tensors(model, config, name)
+    pattern = None
+    if config.use_adalora:
+        pattern = (saved if saved is not None and saved.use_adalora else config).rank_pattern
+        found = _spread_adalora(found, expected, pattern, source)
     # PEFT also saves a targeted embedding's full table as "<path>.base_layer.weight"; it loads it too.
     extra_base = {k: v for k, v in found.items() if k not in expected and k.endswith(".base_layer.weight")}
     unknown = [k for k in found if k not in expected and k not in extra_base]
@@ -106,13 +170,15 @@ def load_adapter_state(model: nn.Module, config: LoraConfig, name: str, found: d
     with torch.no_grad():
         for key, target in pairs:
             target.copy_(found[key].to(target.dtype))
+    if pattern is not None:
+        config.rank_pattern = dict(pattern)
 
 
 def module_of(key: str) -> str:
     """The module path inside a PEFT key (``base_model.model.`` and the parameter's own name stripped)."""
     path = key[len(PREFIX):] if key.startswith(PREFIX) else key
     for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.weight",
-                   MAGNITUDE):
+                   MAGNITUDE, ".lora_A", ".lora_B", ADALORA_E):
         if path.endswith(suffix):
             return path[: -len(suffix)]
     return path.rsplit(".", 1)[0]
@@ -134,7 +200,7 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
         suffix = next((s for s in _FACTORS if key.endswith(s)), None)
         if suffix is not None:
             factors.append((key, suffix))
-        elif not key.endswith((*_FACTORS.values(), MAGNITUDE)) and ".original_module." not in key:
+        elif not key.endswith((*_FACTORS.values(), MAGNITUDE, ADALORA_E)) and ".original_module." not in key:
             # (a B factor goes with its A; a head's frozen original, which PEFT's bias="all" file holds too, is
             # not what the merged model runs: its trained copy is)
             target = key[len(PREFIX):].replace(".modules_to_save.", ".").replace(".base_layer.", ".")
@@ -164,6 +230,16 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
             residual = variants.factors_for(config.init_lora_weights, w2, a.shape[0], scaling,
                                             config.loftq_config.get("loftq_iter", 1))[0]
             w = (residual.t() if fifo else residual).to(w.dtype)
+        if suffix == ".lora_A":  # AdaLoRA: s·B·(A ⊙ E) / (init_r + 1e-5) (PEFT keeps ranknum at init_r)
+            e = adapter.get(PREFIX + module + ADALORA_E)
+            if e is None or not config.use_adalora:
+                raise AdapterFileError(f"adapter module {module!r} has AdaLoRA keys but " + (
+                    "no lora_E" if e is None else "its config is not AdaLoRA (peft_type ADALORA)")
+                    + "; the file is damaged or not from loratune/PEFT")
+            scale = variants.adalora_scaling(config.lora_alpha, config.init_r)
+            delta = LF.linear_delta_weight(a64 * e.to(torch.float64), b64, scale, config.fan_in_fan_out)
+            out[weight_key] = (w.to(torch.float64) + delta).to(w.dtype)
+            continue
         magnitude = adapter.get(PREFIX + module + MAGNITUDE)
         if magnitude is not None:
             if suffix != ".lora_A.weight" or a.dim() != 2:

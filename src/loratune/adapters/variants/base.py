@@ -60,3 +60,23 @@ class Variant:
     def unmerge_delta(self, layer: nn.Module, name: str) -> torch.Tensor:
         """What to subtract from the weight merged by ``merge_delta`` to get the base weight back."""
         raise NotImplementedError
+
+
+class TrainingHooks:
+    """What a variant adds to each optimizer step of the training loop; plain LoRA, DoRA and the initializations
+    add nothing (these no-ops). ``penalty`` is a loss term added once per optimizer step (its gradient joins the
+    step's); ``after_step`` runs after ``optimizer.step()`` and before the gradients are cleared. ``state_dict`` /
+    ``load_state_dict``: the tensors a checkpoint must hold for an exact resume (CPU tensors under flat string
+    keys; none here)."""
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
