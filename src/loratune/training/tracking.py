@@ -164,6 +164,9 @@ class _Mlflow(_Tracker):
     def __init__(self, out: Path, name: str, config: dict):
         from mlflow.tracking import MlflowClient
 
+        # MLflow 3 keeps its file store in "maintenance mode" behind this switch; a local directory (no server, no
+        # database driver) is what issue 22's users asked for, and `mlflow ui` still reads it.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
         experiment = self.client.get_experiment_by_name("loratune")
         eid = experiment.experiment_id if experiment else self.client.create_experiment("loratune")
