@@ -217,19 +217,7 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
             raise AdapterFileError(f"adapter module {module!r}: its B factor or the base weight {weight_key!r} is "
                                    "missing; is the adapter for this base model?")
         w = out[weight_key]
-        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
-        scaling = LF.lora_scaling(alpha, a.shape[0], config.use_rslora)  # the rank is A's (rank_pattern included)
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        if variants.init_kind(config.init_lora_weights) is not None:  # the base that PiSSA/OLoRA/LoftQ left behind
-            if suffix != ".lora_A.weight" or a.dim() != 2:
-                raise AdapterFileError(f"adapter module {module!r}: init_lora_weights={config.init_lora_weights!r} "
-                                       "applies to Linear/Conv1D layers only; the file is not one loratune or PEFT "
-                                       "writes")
-            fifo = config.fan_in_fan_out
-            w2 = w.t() if fifo else w
-            residual = variants.factors_for(config.init_lora_weights, w2, a.shape[0], scaling,
-                                            config.loftq_config.get("loftq_iter", 1))[0]
-            w = (residual.t() if fifo else residual).to(w.dtype)
         if suffix == ".lora_A":  # AdaLoRA: s·B·(A ⊙ E) / (init_r + 1e-5) (PEFT keeps ranknum at init_r)
             e = adapter.get(PREFIX + module + ADALORA_E)
             if e is None or not config.use_adalora:
@@ -240,6 +228,18 @@ def merged_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Te
             delta = LF.linear_delta_weight(a64 * e.to(torch.float64), b64, scale, config.fan_in_fan_out)
             out[weight_key] = (w.to(torch.float64) + delta).to(w.dtype)
             continue
+        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
+        scaling = LF.lora_scaling(alpha, a.shape[0], config.use_rslora)  # the rank is A's (rank_pattern included)
+        if variants.init_kind(config.init_lora_weights) is not None:  # the base that PiSSA/OLoRA/LoftQ left behind
+            if suffix != ".lora_A.weight" or a.dim() != 2:
+                raise AdapterFileError(f"adapter module {module!r}: init_lora_weights={config.init_lora_weights!r} "
+                                       "applies to Linear/Conv1D layers only; the file is not one loratune or PEFT "
+                                       "writes")
+            fifo = config.fan_in_fan_out
+            w2 = w.t() if fifo else w
+            residual = variants.factors_for(config.init_lora_weights, w2, a.shape[0], scaling,
+                                            config.loftq_config.get("loftq_iter", 1))[0]
+            w = (residual.t() if fifo else residual).to(w.dtype)
         magnitude = adapter.get(PREFIX + module + MAGNITUDE)
         if magnitude is not None:
             if suffix != ".lora_A.weight" or a.dim() != 2:
