@@ -263,6 +263,17 @@ def test_orth_penalty_matches_the_formula_and_peft():
     assert variants.training_hooks(get_lora_model(tiny_llama(), _cfg(orth_reg_weight=0.0))).penalty() is None
 
 
+def test_penalty_is_shared_between_processes(monkeypatch):
+    lm = get_lora_model(tiny_llama(), _cfg())
+    _randomize(lm)
+    one = variants.training_hooks(lm).penalty()
+    from loratune.adapters.variants import adalora
+
+    monkeypatch.setattr(adalora.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(adalora.dist, "get_world_size", lambda: 4)
+    assert abs(variants.training_hooks(lm).penalty().item() * 4 - one.item()) < 1e-6 * one.item()
+
+
 def test_resume_from_a_cut_file_and_hook_state_is_exact(tmp_path):
     full = get_lora_model(tiny_llama(), _cfg(deltaT=2, total_step=12))
     _train(full, 12)
@@ -345,20 +356,24 @@ def test_bad_targets_and_missing_total_step_are_one_line(tmp_path):
 
 
 # --- a short run of loratune's training loop ------------------------------------------------------------------------
+def _run_cfg(tiny_dir, data_files, out, *extra):
+    from loratune.training.config import load_run_config
+
+    train_f, eval_f = data_files
+    return load_run_config(None, [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}",
+                                  f"output_dir={out}", "train.max_steps=12", "train.batch_size=4",
+                                  "train.lr=1e-2", "data.max_seq_len=64", "lora.use_adalora=true", "lora.init_r=4",
+                                  "lora.target_r=2", "lora.tinit=2", "lora.tfinal=3", *extra])
+
+
 @pytest.mark.slow
 def test_training_loop_run_ends_at_the_budget_and_lowers_the_loss(tiny_dir, data_files, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loratune.training.config import load_run_config
     from loratune.training.loop import train
 
-    train_f, eval_f = data_files
-    cfg = load_run_config(None, [f"model={tiny_dir}", f"data.train={train_f}", f"data.eval={eval_f}",
-                                 f"output_dir={tmp_path}", "train.max_steps=12", "train.batch_size=4",
-                                 "train.lr=1e-2", "data.max_seq_len=64", "lora.use_adalora=true", "lora.init_r=4",
-                                 "lora.target_r=2", "lora.tinit=2", "lora.tfinal=3"])
-    res = train(cfg, progress=False)
+    res = train(_run_cfg(tiny_dir, data_files, tmp_path), progress=False)
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0]
     d = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -372,3 +387,18 @@ def test_training_loop_run_ends_at_the_budget_and_lowers_the_loss(tiny_dir, data
     res.model.eval()
     pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter")
     assert rel_err(pm(input_ids=x).logits, res.model(input_ids=x).logits) < 1e-5
+
+
+@pytest.mark.slow
+def test_training_loop_resumes_an_adalora_run_from_its_cut_checkpoint(tiny_dir, data_files, tmp_path):
+    from loratune.training.loop import latest_checkpoint, train
+
+    cfg = _run_cfg(tiny_dir, data_files, tmp_path, "train.save_every=2")
+    train(cfg, progress=False, stop_after=5)  # "killed" after step 5: the checkpoint of step 4 holds a cut adapter
+    ckpt = latest_checkpoint(tmp_path)
+    saved = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and sum(map(sum, saved["rank_pattern"].values())) < 4 * 14
+    res = train(cfg, progress=False)  # resumes: the cut file spread into the run's init_r layers
+    assert [h["step"] for h in res.history] == list(range(1, 13))
+    pattern = res.model.peft_config["default"].rank_pattern
+    assert sum(map(sum, pattern.values())) == 2 * 14

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -267,7 +268,11 @@ class AdaLoraHooks(TrainingHooks):
             self.config.total_step = total_steps
 
     def penalty(self) -> torch.Tensor | None:
-        return orth_penalty(self.factors, self.config.orth_reg_weight)
+        """The orthogonality penalty; under torch.distributed each process adds 1/world of it, since the loop sums
+        the gradients of all processes (``training.distributed.all_reduce_grads``)."""
+        term = orth_penalty(self.factors, self.config.orth_reg_weight)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return term / world if term is not None and world > 1 else term
 
     def after_step(self, step: int, total_steps: int) -> None:
         self._fill_total(total_steps)
