@@ -219,4 +219,6 @@ def test_run_records_data_report_prompt_and_absolute_base_path(tiny_dir, data_fi
     assert "train: examples ready: 32" in (tmp_path / "data_report.txt").read_text()
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(tiny_dir.resolve())  # usable from any working directory
-    assert json.loads((tmp_path / "adapter" / "loratune_prompt.json").read_text()) == {"system_prompt": "Be brief."}
+    meta = json.loads((tmp_path / "adapter" / "loratune_prompt.json").read_text())
+    assert meta["system_prompt"] == "Be brief." and meta["training"]["lr"] == 1e-2  # what it trained with
+    assert meta["training"]["steps"] == 1 and meta["training"]["lr_search"] is None

@@ -45,6 +45,18 @@ def split_rows(rows: list, fraction: float, seed: int = 0) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+AUTO_SHARE, AUTO_MIN, AUTO_MAX, AUTO_FEWEST = 0.1, 32, 500, 100
+
+
+def held_out_count(n_rows: int) -> int:
+    """How many of ``n_rows`` cleaned train rows ``eval_split: auto`` holds out: 10 %, at least 32 (a few dozen, so
+    that an eval loss is not one row's noise), at most 500 (evaluation stays cheap) and never more than a fifth of
+    the data; none below 100 rows, where every row is worth more as training data than a 20-row eval set."""
+    if n_rows < AUTO_FEWEST:
+        return 0
+    return min(max(AUTO_MIN, round(n_rows * AUTO_SHARE)), AUTO_MAX, n_rows // 5)
+
+
 def _load(path: str, fmt: str, label: str, report: list[Step]) -> tuple[list[Row], str]:
     """The cleaned rows of one file (at least one) and their format; ``label`` is ``train`` or ``eval``."""
     rows = read_rows(path, f"{label} file")
@@ -58,7 +70,7 @@ def _load(path: str, fmt: str, label: str, report: list[Step]) -> tuple[list[Row
 
 def prepare(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
     """Read, clean, split, tokenize (and pack) the train and eval data of ``cfg``, reporting each step."""
-    if cfg.eval and cfg.eval_split:
+    if cfg.eval and cfg.eval_split and cfg.eval_split != "auto":
         raise DataError("data.eval and data.eval_split are both set; keep the eval file or the split")
     report: list[Step] = []
     train, fmt = _load(cfg.train, cfg.format, "train", report)
@@ -70,6 +82,15 @@ def prepare(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
         before = len(train)
         train = [(n, m) for n, m in train if norm_key(m) not in held]
         report.append(Step("train: rows also in the eval set removed (leakage)", before - len(train)))
+    elif cfg.eval_split == "auto":
+        k = held_out_count(len(train))
+        if k:
+            train, evals = split_rows(train, k / len(train), seed)
+            report.append(Step(f"eval: rows held out of train (eval_split=auto: no eval file, 10 % held out, "
+                               f"at least {AUTO_MIN}, seed={seed})", len(evals)))
+        else:
+            report.append(Step(f"eval: none held out (eval_split=auto: no eval file, and fewer than {AUTO_FEWEST} "
+                               "cleaned rows: all of them train; give data.eval for an eval loss)", 0))
     elif cfg.eval_split:
         train, evals = split_rows(train, cfg.eval_split, seed)
         report.append(Step(f"eval: rows held out of train (eval_split={cfg.eval_split}, seed={seed})",

@@ -28,14 +28,15 @@ class DataConfig:
     """The ``data`` section of a run config.
 
     ``eval`` is a held-out file; without one, ``eval_split`` (a fraction in [0, 1)) of the cleaned train rows
-    is held out, chosen by the seed. ``overlength`` is ``drop`` or ``truncate`` (rows over ``max_seq_len``
+    is held out, chosen by the seed; ``auto`` (the run config's default) holds out a small share when there is no
+    eval file (``pipeline.held_out_count``) and nothing when there is. ``overlength`` is ``drop`` or ``truncate`` (rows over ``max_seq_len``
     tokens). ``chat_template`` overrides the tokenizer's Jinja template; ``system_prompt`` is prepended to
     rows that have no system message.
     """
 
     train: str
     eval: str | None = None
-    eval_split: float = 0.0
+    eval_split: float | str = 0.0  # or auto (the run config's default): pipeline.held_out_count
     format: str = "auto"
     max_seq_len: int = 512
     packing: bool = False
@@ -57,8 +58,11 @@ class DataConfig:
             raise DataError(f"data.max_seq_len must be ≥ 2, got {self.max_seq_len}")
         if self.chat_template is not None and "{{" not in self.chat_template and "{%" not in self.chat_template:
             self.chat_template = _template_file(self.chat_template)  # not a template: the path of one
-        if not 0.0 <= self.eval_split < 1.0:
-            raise DataError(f"data.eval_split must be a fraction in [0, 1), got {self.eval_split}")
+        if isinstance(self.eval_split, str):
+            if self.eval_split != "auto":
+                raise DataError(f"data.eval_split must be a fraction in [0, 1) or auto, got {self.eval_split!r}")
+        elif not 0.0 <= self.eval_split < 1.0:
+            raise DataError(f"data.eval_split must be a fraction in [0, 1) or auto, got {self.eval_split}")
 
 
 def _template_file(path: str) -> str:

@@ -26,7 +26,7 @@ from .. import quant
 from ..adapters.config import LoraConfig
 from ..data import DataConfig, check_data_file
 from ..errors import ConfigError, ConfigWarning, DataError, LoraTuneError, closest
-from .sections import ModelConfig, TrainConfig
+from .sections import AUTO, ModelConfig, TrainConfig
 from .validate import BAD, as_yaml, checked
 
 __all__ = ["ModelConfig", "RunConfig", "TrainConfig", "build_run_config", "dump_run_config", "load_run_config"]
@@ -185,13 +185,24 @@ def _alias_partner(key: str) -> str | None:
     return LORA_SHORT.get(key) or next((short for short, full in LORA_SHORT.items() if full == key), None)
 
 
+# The keys that take ``auto`` (loratune chooses: training/lr_search.py, optim.auto_steps, data.held_out_count).
+AUTO_KEYS = ("train.lr", "train.epochs", "data.eval_split")
+# What a classification run (training/classify.py, its own loop) gets instead of auto (and one epoch unless
+# max_steps is given): the loop that resolves auto is the causal-LM one.
+_CLASSIFY_DEFAULTS = {"train": {"lr": 2e-4}, "data": {"eval_split": 0.0}}
+
+
 def build_run_config(raw: dict[str, Any], problems: list[str] | None = None) -> RunConfig:
     """Validate every section of ``raw``; all problems (plus those passed in) are raised as one ConfigError."""
     problems = list(problems or [])
     sections = _check_sections(raw, problems)
     lora = _lora_section(sections["lora"], problems)
-    data = _section("data", DataConfig, sections["data"], problems, fill={"train": ""})
-    train = _section("train", TrainConfig, sections["train"], problems)
+    causal = raw.get("task", RunConfig.task) == "causal_lm"
+    data = _section("data", DataConfig, sections["data"], problems,
+                    fill={"train": "", "eval_split": AUTO if causal else 0.0})
+    train_fill = None if causal else {**_CLASSIFY_DEFAULTS["train"],
+                                      **({} if "max_steps" in sections["train"] else {"epochs": 1.0})}
+    train = _section("train", TrainConfig, sections["train"], problems, fill=train_fill)
     model = _model_section(raw.get("model"), problems)
     output_dir = checked("output_dir", raw.get("output_dir", RunConfig.output_dir), str, RunConfig.output_dir,
                           problems, _EXAMPLES)
@@ -285,6 +296,13 @@ def _section(name: str, cls: type, values: dict[str, Any], problems: list[str],
         if k not in fields:
             problems.append(_unknown_key(name, k, fields))
             continue
+        if v == AUTO and f"{name}.{k}" not in AUTO_KEYS:
+            problems.append(_not_auto(f"{name}.{k}", fields[k].default))
+            continue
+        if v == AUTO and fill and k in fill and fill[k] != AUTO:  # (task: classification)
+            problems.append(f"{name}.{k}=auto is for task causal_lm (classification has its own loop); "
+                            f"give a value, e.g. {name}.{k}={as_yaml(fill[k])}")
+            continue
         kwargs[k] = checked(f"{name}.{k}", v, hints[k], fields[k].default, problems, _EXAMPLES)
         if kwargs[k] is BAD:
             del kwargs[k]
@@ -297,6 +315,11 @@ def _section(name: str, cls: type, values: dict[str, Any], problems: list[str],
         return None
 
 
+def _not_auto(key: str, default: Any) -> str:
+    example = f", e.g. {key}={as_yaml(default)}" if default not in (None, dataclasses.MISSING, AUTO) else ""
+    return f"{key} does not take auto (the keys that do: {', '.join(AUTO_KEYS)}); give a value{example}"
+
+
 def _lora_section(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     """The ``lora`` mapping with types checked and aliases merged; LoraConfig's own problems are added too."""
     fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
@@ -306,6 +329,9 @@ def _lora_section(values: dict[str, Any], problems: list[str]) -> dict[str, Any]
         name = LORA_SHORT.get(k, k)
         if name not in fields:
             problems.append(_unknown_key("lora", k, set(fields) | set(LORA_SHORT)))
+            continue
+        if v == AUTO:
+            problems.append(_not_auto(f"lora.{k}", LORA_DEFAULTS.get(name, fields[name].default)))
             continue
         typed = checked(f"lora.{k}", v, hints[name], LORA_DEFAULTS.get(name, fields[name].default), problems,
                         _EXAMPLES)
@@ -365,7 +391,7 @@ def _check_data_files(data: dict[str, Any], problems: list[str]) -> None:
 
 def _warn_if_steps_and_epochs(train: TrainConfig) -> None:
     """max_steps silently winning over epochs surprises people: say so when both were given."""
-    if train.max_steps is not None and train.epochs is not None:
+    if train.max_steps is not None and train.epochs is not None and train.epochs != AUTO:
         warnings.warn(f"train.max_steps={train.max_steps} and train.epochs={as_yaml(train.epochs)} are both set: "
                       "max_steps wins and epochs is ignored; set only one (train.max_steps=null to train by epochs)",
                       ConfigWarning, stacklevel=4)

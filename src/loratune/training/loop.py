@@ -38,8 +38,10 @@ from .checkpoints import (
 )
 from .compiled import compile_layers
 from .config import RunConfig, dump_run_config
+from .early_stop import BestKeeper
 from .evaluate import eval_loss, response_loss_sum
-from .optim import global_batch, lr_lambda, make_optimizer, total_steps
+from .lr_search import resolve_lr
+from .optim import eval_every, global_batch, lr_lambda, make_optimizer, total_steps
 from .rundir import check_output_dir, claim_output_dir, read_history, write_loss_curve
 from .tracking import RunLog, check_trackers
 
@@ -57,6 +59,9 @@ class RunResult:
     steps: int
     seconds: float
     rank: int = 0  # this process's rank under torchrun: only rank 0 prints the summary
+    lr: float | None = None  # the rate trained with (train.lr, or what lr: auto chose)
+    best_step: int | None = None  # the step whose adapter was kept (load_best), None: the last
+    stopped_early: bool = False
 
 
 def fit_to_model(data_cfg: DataConfig, model) -> DataConfig:
@@ -136,6 +141,11 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
 
     per_epoch, steps = total_steps(len(data.train), tc, world)
     per_step = tc.batch_size * tc.grad_accum * world
+    search = resolve_lr(lm, data.train, tok.pad_token_id, tc, out, steps, rank, device, progress) \
+        if tc.auto_lr else None
+    if search is not None:  # the run trains with the chosen rate; the config (and run_config.yaml) still says auto
+        tc = dataclasses.replace(tc, lr=search.lr)
+    every = eval_every(tc, steps) if data.eval else 0
     start = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
@@ -162,11 +172,16 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     log = RunLog(out, read_history(out / "metrics.jsonl", start), start, steps, progress, rank, tc.report_to,
                  config=cfg.to_dict())
     history = log.history
+    keeper = BestKeeper(out, tc.patience if data.eval else 0, tc.keep_best and bool(data.eval) and not fsdp,
+                        history, rank)
+    end = start if keeper.stopped else steps  # a run that stopped early is complete
+    if keeper.stopped and rank == 0:
+        print(f"run already complete (stopped early at step {start}); writing its outputs again", flush=True)
     hooks = variants.training_hooks(lm)  # what a variant adds to a step (AdaLoRA: a penalty, rank allocation)
     pad = tok.pad_token_id
     t0, tokens_seen = time.time(), 0
     step = start
-    for step in range(start + 1, steps + 1):
+    for step in range(start + 1, end + 1):
         rows = global_batch(step - 1, len(data.train), per_epoch, per_step, tc.seed)
         n_tokens = sum(sum(1 for v in data.train[i].labels[1:] if v != ops.IGNORE_INDEX) for i in rows)
         mine = rows[rank * tc.batch_size * tc.grad_accum:(rank + 1) * tc.batch_size * tc.grad_accum]
@@ -202,21 +217,33 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
 
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
-        if data.eval and (step == steps or (tc.eval_every and step % tc.eval_every == 0)):
+        if data.eval and (step == steps or (every and step % every == 0)):
             record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
         log.step(record)
+        if "eval_loss" in record and keeper.update(step, record["eval_loss"], lm):
+            end = step  # early stopping: this step is the run's last
         # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
-        if step == steps or (tc.save_every and step % tc.save_every == 0):
+        if step == end or (tc.save_every and step % tc.save_every == 0):
             _checkpoint(out, step, lm, opt, sched, config_text, tc, rank, params, fsdp)
-        if stop_after is not None and step - start >= stop_after:
+        if step == end or (stop_after is not None and step - start >= stop_after):
             break
-    if step == steps and history and "eval_loss" in history[-1]:
-        log.final({"eval_loss": history[-1]["eval_loss"]})
+    if step == end and history and "eval_loss" in history[-1]:
+        log.final({"eval_loss": keeper.best_loss if keeper.keep else history[-1]["eval_loss"]})
     log.close()
     ops.clear_mask_cache()  # let go of the last input's x⊙mask: evaluation and merging need none
     ops.release_workspace()  # and of the loss's kept chunk × vocab buffer
-    if stop_after is not None and step - start >= stop_after:  # stopped early (as if killed): no adapter yet
-        return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0, rank)
+    if step != end:  # stopped (as if killed) by stop_after: no adapter yet
+        return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0, rank, tc.lr)
+    stopped_early = end < steps
+    if stopped_early and rank == 0:
+        print(f"early stopping at step {end}: no better eval loss in {keeper.patience} evaluations "
+              f"(best {keeper.best_loss:.4f} at step {keeper.best_step})", flush=True)
+    best_step = keeper.restore_best(lm)
+    if best_step is not None and rank == 0:
+        print(f"final adapter: the best evaluation's, step {best_step} (train.load_best)", flush=True)
+    meta = {"lr": tc.lr, "lr_search": dataclasses.asdict(search) if search else None, "steps": end,
+            "planned_steps": steps, "stopped_early": stopped_early, "best_step": best_step,
+            "best_eval_loss": keeper.best_loss if math.isfinite(keeper.best_loss) else None}
 
     adapter_dir = out / "adapter"
     with distributed.whole_params(lm, params) if fsdp else contextlib.nullcontext():
@@ -226,11 +253,13 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
                 if cfg.data.chat_template:
                     tok.chat_template = cfg.data.chat_template
                 tok.save_pretrained(tmp)  # the chat template travels with the adapter
-                save_json({"system_prompt": cfg.data.system_prompt, "base_model": cfg.model.name}, tmp / PROMPT_FILE)
+                save_json({"system_prompt": cfg.data.system_prompt, "base_model": cfg.model.name,
+                           "training": meta}, tmp / PROMPT_FILE)
             write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()
-    return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0, rank)
+    return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0, rank, tc.lr, best_step,
+                     stopped_early)
 
 
 def _checkpoint(out: Path, step: int, lm, opt, sched, config_text: str, tc, rank: int, params, fsdp: bool) -> None:

@@ -71,13 +71,21 @@ class ModelConfig:
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
+AUTO = "auto"
+
+
 @dataclass
 class TrainConfig:
-    epochs: float | None = None  # default 1 when max_steps is not set either
+    """The ``train`` section. ``lr: auto`` (the default) picks the rate by a short search before the run
+    (training/lr_search.py); ``epochs: auto`` (the default when neither epochs nor max_steps is given) sets a step
+    budget that grows with the data (optim.auto_steps), evaluates about ten times and stops early on eval loss.
+    ``early_stopping_patience`` (evaluations without a new best eval loss; 0 = never stop early) and ``load_best``
+    (the final adapter is the one of the best evaluation) default to on with ``epochs: auto`` and off otherwise."""
+    epochs: float | str | None = None  # None: auto when max_steps is not set either
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float | str = AUTO
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -95,6 +103,28 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (inductor)
     report_to: list[str] | str | None = None  # metric trackers: tensorboard, wandb, mlflow (training/tracking.py)
     class_weights: list[float] | str | None = None  # task: classification: "balanced" or one weight per label
+    early_stopping_patience: int | None = None  # None: 3 with epochs auto, else 0 (off)
+    load_best: bool | None = None  # None: true with epochs auto, else false
+
+    @property
+    def auto_lr(self) -> bool:
+        return self.lr == AUTO
+
+    @property
+    def auto_epochs(self) -> bool:
+        """True when the run's length is chosen by loratune (epochs auto, or neither epochs nor max_steps)."""
+        return self.max_steps is None and self.epochs in (None, AUTO)
+
+    @property
+    def patience(self) -> int:
+        """Evaluations without a new best eval loss before the run stops (0: never)."""
+        if self.early_stopping_patience is not None:
+            return self.early_stopping_patience
+        return 3 if self.auto_epochs else 0
+
+    @property
+    def keep_best(self) -> bool:
+        return self.load_best if self.load_best is not None else self.auto_epochs
 
     def __post_init__(self) -> None:
         p = []
@@ -119,10 +149,19 @@ class TrainConfig:
                      f"{self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"train.max_steps must be ≥ 1, got {self.max_steps}")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+        if isinstance(self.epochs, str):
+            if self.epochs != AUTO:
+                p.append(f"train.epochs must be a number > 0 or auto, got {self.epochs!r} (e.g. train.epochs=1)")
+        elif self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             p.append(f"train.epochs must be a finite number > 0, got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            p.append(f"train.lr must be a finite number > 0, got {self.lr} (e.g. train.lr=2e-4)")
+        if isinstance(self.lr, str):
+            if self.lr != AUTO:
+                p.append(f"train.lr must be a number > 0 or auto, got {self.lr!r} (e.g. train.lr=2e-4)")
+        elif not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"train.lr must be a finite number > 0, got {self.lr} (e.g. train.lr=2e-4, or auto)")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            p.append(f"train.early_stopping_patience must be ≥ 0 (0 = never stop early), got "
+                     f"{self.early_stopping_patience}")
         if not 0 <= self.warmup_ratio < 1:  # (NaN fails this too)
             p.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
