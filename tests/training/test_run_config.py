@@ -130,7 +130,8 @@ def test_problems_from_every_section_and_kind_are_collected(train_file, tmp_path
     err = _problems(train_file, "lora.rnak=8", "train.lr=-1", "train.epochs=many", "data.format=chatml",
                     f"data.eval={tmp_path / 'none.jsonl'}", "model=3", "nosuch.x=1", "lora.alpha=big")
     assert err.startswith("8 problems in the config:\n")
-    for part in ("unknown key 'lora.rnak'", "train.lr must be a finite number > 0", "train.epochs must be a number > 0 or auto",
+    for part in ("unknown key 'lora.rnak'", "train.lr must be a finite number > 0",
+                 "train.epochs must be a number > 0 or auto",
                  "e.g. train.epochs=1", "unknown data format 'chatml'", "none.jsonl does not exist",
                  "'model' must be a model name or path", "unknown config section 'nosuch'",
                  "'lora.alpha' must be float"):

@@ -29,14 +29,14 @@ class DataConfig:
 
     ``eval`` is a held-out file; without one, ``eval_split`` (a fraction in [0, 1)) of the cleaned train rows
     is held out, chosen by the seed; ``auto`` (the run config's default) holds out a small share when there is no
-    eval file (``pipeline.held_out_count``) and nothing when there is. ``overlength`` is ``drop`` or ``truncate`` (rows over ``max_seq_len``
-    tokens). ``chat_template`` overrides the tokenizer's Jinja template; ``system_prompt`` is prepended to
+    eval file (``pipeline.held_out_count``) and nothing when there is. ``overlength`` is ``drop`` or ``truncate``
+    (rows over ``max_seq_len`` tokens). ``chat_template`` overrides the tokenizer's Jinja template; ``system_prompt`` is prepended to
     rows that have no system message.
     """
 
     train: str
     eval: str | None = None
-    eval_split: float | str = 0.0  # or auto (the run config's default): pipeline.held_out_count
+    eval_split: float | str = 0.0  # or auto (the run config's default; pipeline.held_out_count)
     format: str = "auto"
     max_seq_len: int = 512
     packing: bool = False
