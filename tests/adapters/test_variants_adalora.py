@@ -14,7 +14,7 @@ from loratune import LoraConfig, LoraModel, get_lora_model
 from loratune.adapters import state, variants
 from loratune.adapters.config import AdaLoraConfig
 from loratune.adapters.files import load_adapter_weights
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, LoraTuneError
 
 from conftest import TinyConvNet, ids, rel_err, tiny_gpt2, tiny_llama
 
@@ -353,6 +353,9 @@ def test_bad_targets_and_missing_total_step_are_one_line(tmp_path):
         variants.training_hooks(lm, total_steps=5)
     hooks = variants.training_hooks(lm, total_steps=10)  # the run's step count fills total_step
     assert lm.peft_config["default"].total_step == 10 and isinstance(hooks, variants.AdaLoraHooks)
+    lm.add_adapter("plain", LoraConfig(target_modules=TARGETS))
+    with pytest.raises(LoraTuneError, match="mixed-adapter batches do not support adalora adapters"):
+        lm(input_ids=ids(), adapter_names=["default", "plain"])
 
 
 # --- a short run of loratune's training loop ------------------------------------------------------------------------
