@@ -114,3 +114,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         return torch.addmm(out, x, w.t(), beta=0, alpha=scale, out=out)
     out = other.addmm_(x, w.t(), alpha=scale)
     return out if bias is None else out.add_(bias)
+
+
+def lora_forward(x2: torch.Tensor, xd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 A: torch.Tensor, B: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base output plus the LoRA term; returns (out, us) where us = s·xd·Aᵀ is tokens × r.
+
+    The scalar goes on the tokens × r factor, where it costs nothing and makes B's gradient simply gᵀ·us. xd is in
+    the adapters' dtype: on a half-precision base with fp32 adapters (loratune's and PEFT's default) the LoRA
+    products run in fp32, as PEFT's do, and the term is rounded once, into the base's output. The term comes first
+    and the base product adds it as it writes its output (oneDNN's add post-op, or ``addmm_`` into the term), so no
+    tokens × out temporary is made."""
+    us = linear(xd, A, scale=s)
+    return linear(x2, weight, bias, other=linear(us, B).to(x2.dtype)), us

@@ -34,7 +34,7 @@ import torch
 
 from .. import settings
 from . import dropout as seeded
-from . import gemm
+from . import gemm, traced
 
 _state = threading.local()
 
@@ -207,27 +207,15 @@ def clear_mask_cache() -> None:
 
 
 # --- the fused LoRA linear ---------------------------------------------------------------------------------------
-def _forward(x2, xd, weight, bias, A, B, s):
-    """Base output plus the LoRA term; returns (out, us) where us = s·xd·Aᵀ is tokens × r.
-
-    The scalar goes on the tokens × r factor, where it costs nothing and makes B's gradient simply gᵀ·us. xd is in
-    the adapters' dtype: on a half-precision base with fp32 adapters (loratune's and PEFT's default) the LoRA
-    products run in fp32, as PEFT's do, and the term is rounded once, into the base's output. The term comes first
-    and the base product adds it as it writes its output (oneDNN's add post-op, or ``addmm_`` into the term), so no
-    tokens × out temporary is made."""
-    us = gemm.linear(xd, A, scale=s)
-    return gemm.linear(x2, weight, bias, other=gemm.linear(us, B).to(x2.dtype)), us
-
-
 def _no_grad_forward(x2, xd, weight, bias, A, B, s):
-    """``_forward``'s output where no backward can come: the base product first, then the thin LoRA term added into
-    it in place (``addmm_``). Without a backward the order is free, and on torch.mm the two orders measure
+    """``gemm.lora_forward``'s output where no backward can come: the base product first, then the thin LoRA term
+    added into it in place (``addmm_``). Without a backward the order is free, and on torch.mm the two orders measure
     differently on the AVX2 VM (exploratory, interleaved): no-grad forwards of the all-linear model took 0.980, 0.991
     and 0.988× as long this way (30-60 forwards each), and training steps 1.019 and 1.020× as long (16 steps each),
     so each path keeps its faster order. On a half-precision base the LoRA term is fp32 and is rounded once, into
-    the output, by ``_forward``."""
+    the output, by ``gemm.lora_forward``."""
     if xd.dtype != x2.dtype:
-        return _forward(x2, xd, weight, bias, A, B, s)[0]
+        return gemm.lora_forward(x2, xd, weight, bias, A, B, s)[0]
     us = gemm.linear(xd, A, scale=s)
     return gemm.linear(us, B, other=gemm.linear(x2, weight, bias))
 
@@ -240,7 +228,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, xd, weight, bias, A, B, s, draw, save_x):
-        out, us = _forward(x2, xd, weight, bias, A, B, s)
+        out, us = gemm.lora_forward(x2, xd, weight, bias, A, B, s)
         # Saved: x⊙m (x without dropout; the siblings save the same tensor), us (tokens × r) and the parameters; a
         # mask only off CPU. Nothing tokens × out. x⊙m rather than x, because A's gradient needs it and nothing
         # needs x, except where x is a view (``save_x``; see lora_linear): then x's storage is another op's output,
@@ -290,6 +278,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     ``weight`` is (out, in) and frozen. ``consumer`` identifies the calling module, for sharing dropout draws.
     """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the draws and the sibling cache: the custom ops can
+        return traced.lora_linear(x, weight, bias, A, B, scaling, dropout, training)
     p = dropout if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
     draw, xd = None, x2

@@ -3,20 +3,24 @@
 Layer by layer, as torchtune does: the layers are alike, so one compiled graph serves them all (the compile time of
 one layer, not of the whole model), the chunked loss stays eager (its buffers and chunk loop are not the
 compiler's business), and FSDP's per-layer hooks sit outside each compiled region. loratune's fused LoRA path
-reaches the compiler as torch custom ops with fake implementations (``ops/blocks.py``, ``ops/dropout.py``), traced
-without a graph break. On a CPU, inductor needs a C compiler (scripts/setup.sh installs one).
+reaches the compiler as torch custom ops with fake implementations and autograd formulas (``ops/traced.py``,
+``ops/blocks.py``), traced without a graph break. On a CPU, inductor needs a C compiler (scripts/setup.sh installs one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .. import ops
 from .distributed import decoder_layers
 
 
-def compile_layers(lm: torch.nn.Module, backend: str = "inductor") -> int:
+def compile_layers(lm: torch.nn.Module, backend: str | Callable = "inductor") -> int:
     """``torch.compile`` every decoder layer of ``lm`` in place (``nn.Module.compile``); returns how many. A model
     without recognisable decoder layers is compiled whole."""
+    ops.load_kernels()  # loading one takes a lock, which would break the graph where the first call is traced
     layers = decoder_layers(lm)
     for layer in layers or [lm]:
         layer.compile(backend=backend)
