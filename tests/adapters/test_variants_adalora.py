@@ -405,3 +405,21 @@ def test_training_loop_resumes_an_adalora_run_from_its_cut_checkpoint(tiny_dir, 
     assert [h["step"] for h in res.history] == list(range(1, 13))
     pattern = res.model.peft_config["default"].rank_pattern
     assert sum(map(sum, pattern.values())) == 2 * 14
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="training/loop.py and checkpoints.py do not store the AdaLoRA hooks' state yet "
+                   "(hooks.state_dict(): the allocator's scores and the dropped triplets); remove this marker when "
+                   "they do")
+def test_training_loop_resume_is_exact(tiny_dir, data_files, tmp_path):
+    from loratune.training.loop import train
+
+    full = train(_run_cfg(tiny_dir, data_files, tmp_path / "full", "train.save_every=2"), progress=False)
+    cfg = _run_cfg(tiny_dir, data_files, tmp_path / "part", "train.save_every=2")
+    train(cfg, progress=False, stop_after=5)
+    part = train(cfg, progress=False)
+    assert part.model.peft_config["default"].rank_pattern == full.model.peft_config["default"].rank_pattern
+    a, b = (variants.adalora_factors(r.model, "default") for r in (full, part))
+    for path in a:
+        for key in ("lora_A", "lora_B", "lora_E"):
+            torch.testing.assert_close(getattr(a[path], key), getattr(b[path], key), rtol=0, atol=1e-6)
