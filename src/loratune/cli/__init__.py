@@ -1,5 +1,5 @@
-"""``loratune`` command line: train, eval, generate, chat, merge, quickstart, serve, export, combine, analyze,
-extract, resize.
+"""``loratune`` command line: train, eval, predict, generate, chat, merge, quickstart, serve, export, combine,
+analyze, extract, resize.
 
 Every failure that a user can fix ends as one line on stderr and exit code 2; ``LORATUNE_DEBUG=1``
 shows the full traceback instead.
@@ -98,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="also check that the adapter loads on this base model")
     i.add_argument("--json", action="store_true", help="print JSON")
 
-    from . import compose, export, serve  # their parsers only: each command's work is imported when it runs
+    from . import classify, compose, export, serve  # their parsers only: each command's work is imported when it runs
 
+    classify.add_parser(sub)
     serve.add_parser(sub)
     export.add_parser(sub)
     compose.add_parsers(sub)
@@ -210,6 +211,8 @@ def _command(name: str):
         from .info import cmd_info as command
     elif name == "merge":
         from .merge import cmd_merge as command
+    elif name == "predict":
+        from .classify import cmd_predict as command
     elif name == "serve":
         from .serve import cmd_serve as command
     elif name == "export":

@@ -102,6 +102,9 @@ def prompt_ids(tok, messages: list[dict], system_prompt: str | None) -> list[int
 
 
 def _load(args):
+    if args.adapter and is_classifier(args.adapter):  # a label head: it labels texts (cli/classify.py)
+        raise LoraTuneError(f"{args.adapter} is a classification adapter (task_type SEQ_CLS), which labels texts "
+                            f"and does not generate; use: loratune predict --adapter {args.adapter} \"TEXT\"")
     return load_for_inference(args.adapter, args.model, args.system_prompt, args.device, args.dtype)
 
 
