@@ -12,7 +12,8 @@ from ..models import load_base_model
 from ..training.config import dump_run_config, load_run_config
 from ..training.evaluate import response_loss_sum
 from ..training.loop import fit_to_model, train
-from ..training.optim import total_steps
+from ..training.lr_search import EVAL_COST, GRID, SHARE, plan_search
+from ..training.optim import AUTO_MAX_ROWS, AUTO_MIN_ROWS, AUTO_PASSES, eval_every, total_steps
 from .output import print_summary
 
 
@@ -49,11 +50,51 @@ def dry_run(cfg) -> int:
     world = settings.get().world_size
     _, steps = total_steps(len(data.train), cfg.train, world)
     seconds = _time_one_batch(lm, data.train[:cfg.train.batch_size], tok.pad_token_id)
-    est = steps * cfg.train.grad_accum * seconds
+    step_s = cfg.train.grad_accum * seconds
+    search_steps = print_plan(cfg.train, len(data.train), len(data.eval), steps, world)
+    est = steps * step_s
     print(f"estimated training time on this machine: ~{est / 60:.1f} min ({steps} steps × {cfg.train.grad_accum} "
           f"batch(es) of {cfg.train.batch_size} rows × {seconds:.2f} s measured for one batch"
           f"{'' if world == 1 else ' per process'}; evaluation not included)")
+    if search_steps:
+        print(f"estimated lr search time: ≤ ~{search_steps * step_s / 60:.1f} min (≤ {search_steps:.0f} "
+              f"step-equivalents); in all ≤ ~{(est + search_steps * step_s) / 60:.1f} min")
     return 0
+
+
+def print_plan(tc, n_train: int, n_eval: int, steps: int, world: int) -> float:
+    """The ``# plan`` lines: the rate (given, or the search's grid and cost), the length (given, or epochs auto's
+    budget, evaluations and early stopping). Returns the search's worst-case cost in step-equivalents (0: none)."""
+    print("# plan")
+    cost = 0.0
+    if tc.auto_lr:
+        plan = plan_search(n_train, steps, tc.batch_size * tc.grad_accum)
+        if plan.runs:
+            cost = plan.cost
+            print(f"  lr: auto: a search on the training data before the run: rates {GRID[0]:.1e}…{GRID[-1]:.1e} "
+                  f"(half decades, starting at {plan.grid[plan.start]:.1e}), at most {plan.max_candidates} rates × "
+                  f"{plan.steps_each} steps, scored on {plan.held_out} held-out training rows; ≤ {cost:.0f} "
+                  f"step-equivalents ({SHARE:.0%} of the run's {steps} steps; an evaluation counts "
+                  f"{EVAL_COST:.2f} of a step per batch)")
+        else:
+            print(f"  lr: auto: {plan.note}")
+    else:
+        print(f"  lr: {tc.lr:g} (given)")
+    every = eval_every(tc, steps) if n_eval else 0
+    if tc.auto_epochs:
+        print(f"  length: epochs auto: {steps} steps ({AUTO_PASSES} passes over {n_train} rows, at least "
+              f"{AUTO_MIN_ROWS} and at most {AUTO_MAX_ROWS} row-passes, at {tc.batch_size * tc.grad_accum * world} "
+              "rows a step)")
+    else:
+        print(f"  length: {steps} steps (" + (f"train.max_steps={tc.max_steps})" if tc.max_steps
+                                               else f"train.epochs={tc.epochs:g})"))
+    if not n_eval:
+        print("  evaluation: none (no eval rows: no early stopping; give data.eval or data.eval_split)")
+    else:
+        print(f"  evaluation: on {n_eval} rows " + (f"every {every} steps and " if every else "") + "at the end"
+              + (f"; early stopping after {tc.patience} evaluations without a better eval loss" if tc.patience
+                 else "") + ("; the best evaluation's adapter is kept" if tc.keep_best else ""))
+    return cost
 
 
 def _time_one_batch(lm, rows, pad_id: int) -> float:

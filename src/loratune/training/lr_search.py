@@ -52,6 +52,7 @@ class SearchPlan:
     """What the search will do: ``steps_each`` steps for at most ``max_candidates`` rates of ``grid``, scored on
     ``held_out`` rows; ``cost`` is its worst case in step-equivalents. ``note`` (and no steps) when it cannot run."""
     grid: tuple[float, ...] = GRID
+    start: int = START  # the grid index tried first
     steps_each: int = 0
     max_candidates: int = 0
     held_out: int = 0
@@ -138,7 +139,7 @@ def search_lr(lm, examples: list, pad_id: int, tc, plan: SearchPlan, device) -> 
             scores[i] = _candidate(lm, examples, train_ids, held, pad_id, tc, plan.grid[i], plan.steps_each, device)
         return scores[i]
 
-    best = START
+    best = plan.start
     score(best)
     for direction in (-1, 1):  # down while it improves; if the first step down did not, up while it improves
         j, moved = best + direction, False
