@@ -16,8 +16,8 @@ from loratune.errors import ConfigError, ConfigWarning
 from loratune.models import load_base_model
 from loratune.training import loop, lr_search
 from loratune.training.config import load_run_config
-from loratune.training.lr_search import FALLBACK_LR, SearchPlan, plan_search, search_lr, snapshot
 from loratune.training.loop import train
+from loratune.training.lr_search import FALLBACK_LR, SearchPlan, plan_search, search_lr, snapshot
 
 
 def _cfg(tiny_dir, data_files, out, *extra):

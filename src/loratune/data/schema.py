@@ -30,8 +30,8 @@ class DataConfig:
     ``eval`` is a held-out file; without one, ``eval_split`` (a fraction in [0, 1)) of the cleaned train rows
     is held out, chosen by the seed; ``auto`` (the run config's default) holds out a small share when there is no
     eval file (``pipeline.held_out_count``) and nothing when there is. ``overlength`` is ``drop`` or ``truncate``
-    (rows over ``max_seq_len`` tokens). ``chat_template`` overrides the tokenizer's Jinja template; ``system_prompt`` is prepended to
-    rows that have no system message.
+    (rows over ``max_seq_len`` tokens). ``chat_template`` overrides the tokenizer's Jinja template;
+    ``system_prompt`` is prepended to rows that have no system message.
     """
 
     train: str
