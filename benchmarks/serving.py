@@ -17,12 +17,16 @@ Parts (``--parts``, default all three):
 * ``load``: a load test. ``loratune serve`` runs as a separate process (real uvicorn, loopback); this process is
   the client: ``--clients`` concurrent streaming clients send ``--requests`` completions (temperature 0) and record
   latency, time to first token (TTFT), tokens, errors. Scenarios: 8 adapters / 1 adapter / ``--many`` registered
-  adapters (most of them cold on disk: ``--max-cpu-loras`` below ``--many``) under continuous batching, then the 8
-  adapters under static batching and one request at a time (sequential; bounded by ``--time-limit``). Every answer
-  is compared with its adapter's offline greedy generation (loratune's ``LoraModel`` with that one adapter,
+  adapters cold on disk (``many``: ``--max-cpu-loras`` as given, the first request of each adapter reads it) / the
+  same ``--many`` adapters resident in host memory (``resident``: ``--max-cpu-loras`` raised to ``--many`` and one
+  untimed warm-up request per adapter first; S-LoRA's setting) under continuous batching, then the 8 adapters
+  under static batching and one request at a time (sequential; bounded by ``--time-limit``). Every answer is
+  compared with its adapter's offline greedy generation (loratune's ``LoraModel`` with that one adapter,
   transformers' ``generate``, one prompt at a time), and the share of answers that differ from the base model's
-  shows that the adapters matter. ``--designs v1,v2`` runs each scenario on both server designs (v1: the first
-  design, one-at-a-time prefill and v1 mixed paths; v2: the current one), alternating which goes first.
+  shows that the adapters matter. ``--designs v2,v3`` runs each scenario on several server designs (v1: the first
+  design, one-at-a-time prefill and v1 mixed paths; v2: fast paths, cold adapters read on the scheduler's thread;
+  v3, the default: v2 with ``--loaders`` loader threads reading cold adapters while decoding goes on), alternating
+  the order. Adapter loads and slot swaps are counted over the timed requests only.
 
     python benchmarks/serving.py --json serving.json                     # everything, the documented sizes
     python benchmarks/serving.py --parts forward --repeats 7
@@ -67,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-loras", type=int, default=32, help="slots of the served model")
     ap.add_argument("--max-cpu-loras", type=int, default=32, help="host-memory LRU of the served model")
     ap.add_argument("--time-limit", type=float, default=180.0, help="seconds per scenario before no new request")
-    ap.add_argument("--scenarios", default="8,1,many,static,sequential")
-    ap.add_argument("--designs", default="v2", help="server designs per load scenario: v2, v1 or v1,v2")
+    ap.add_argument("--scenarios", default="8,1,many,resident,static,sequential")
+    ap.add_argument("--designs", default="v3", help="server designs per load scenario, any of v1, v2, v3 (e.g. v2,v3)")
+    ap.add_argument("--loaders", type=int, default=1, help="the v3 server's --adapter-loaders")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads here and in the server (1: on a shared, loaded VM the thread pool's waits "
                          "swamp the measurement)")
@@ -76,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     for name in ("rank", "threads", "repeats", "requests", "clients", "max_tokens", "many", "max_loras",
-                 "max_cpu_loras"):
+                 "max_cpu_loras", "loaders"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -88,11 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.scenarios = args.scenarios.split(",")
     if set(args.parts) - {"forward", "swap", "load"}:
         ap.error(f"--parts: unknown {sorted(set(args.parts) - {'forward', 'swap', 'load'})}")
-    if set(args.scenarios) - {"8", "1", "many", "static", "sequential"}:
-        ap.error("--scenarios: choose from 8, 1, many, static, sequential")
+    if set(args.scenarios) - {"8", "1", "many", "resident", "static", "sequential"}:
+        ap.error("--scenarios: choose from 8, 1, many, resident, static, sequential")
     args.designs = args.designs.split(",")
-    if not args.designs or set(args.designs) - {"v1", "v2"}:
-        ap.error("--designs: v1, v2 or v1,v2")
+    if not args.designs or set(args.designs) - {"v1", "v2", "v3"}:
+        ap.error("--designs: one or more of v1, v2, v3, comma-separated")
     return args
 
 
@@ -279,16 +284,30 @@ def offline_answers(args, pairs: set[tuple[str | None, str]], dirs: dict[str, Pa
             lm.delete_adapter(adapter)
 
 
+def _counters(url: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(url + "/metrics", trust_env=False).text
+    return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+
+
 def scenario(args, name: str, names: list[str], flags: list[str], policy: str, work: Path, dirs: dict[str, Path],
-             cache: dict, design: str = "v2") -> dict:
+             cache: dict, design: str = "v3", warm: bool = False) -> dict:
+    """One load-test run; ``warm``: first one untimed request per adapter (1 token), so every adapter is in host
+    memory when the timed requests start."""
     jobs = [(names[j % len(names)], PROMPTS[(j // len(names) + j) % len(PROMPTS)]) for j in range(args.requests)]
     proc, url = start_server(args, [*flags, "--policy", policy], work / f"server-{name}-{design}.log", design)
     try:
-        import httpx
-
+        if warm:
+            warmup = asyncio.run(client_run(url, [(n, PROMPTS[0]) for n in names], args.clients, 1, 3600))
+            bad = [r["error"] for r in warmup["results"] if r is None or r["error"]]
+            if bad:
+                raise RuntimeError(f"the warm-up failed: {bad[:3]}")
+        before = _counters(url)
+        load0 = os.getloadavg()[0]
         run = asyncio.run(client_run(url, jobs, 1 if policy == "sequential" else args.clients, args.max_tokens,
                                       args.time_limit))
-        metrics = httpx.get(url + "/metrics", trust_env=False).text
+        counters = _counters(url)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -305,14 +324,17 @@ def scenario(args, name: str, names: list[str], flags: list[str], policy: str, w
     def pct(v, q):
         return v[min(len(v) - 1, int(q * len(v)))]
 
-    counters = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")}
+    def delta(key):
+        return counters.get(key, 0.0) - before.get(key, 0.0)
+
     out = {"scenario": name, "design": design, "policy": policy, "registered": len(names), "sent": len(done),
            "ok": len(ok),
            "errors": len(done) - len(ok), "differ_from_offline": len(differ), "differ_from_base": not_base,
            "wall_s": wall, "req_per_s": len(ok) / wall, "tok_per_s": tokens / wall, "tokens": tokens,
            "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99), "ttft_p50_ms": 1000 * pct(ttft, 0.5),
-           "ttft_p99_ms": 1000 * pct(ttft, 0.99), "adapter_loads": counters.get("loratune_adapter_loads_total"),
-           "adapter_swaps": counters.get("loratune_adapter_swaps_total"),
+           "ttft_p99_ms": 1000 * pct(ttft, 0.99), "adapter_loads": delta("loratune_adapter_loads_total"),
+           "adapter_swaps": delta("loratune_adapter_swaps_total"), "decode_steps": delta("loratune_decode_steps_total"),
+           "warm": warm, "loadavg_1min": [load0, os.getloadavg()[0]],
            "first_errors": [r["error"] for _, r in done if r["error"]][:3], "first_differences": differ[:3]}
     print(_load_line(out), flush=True)
     return out
@@ -334,16 +356,25 @@ def bench_load(args, work: Path, dirs: list[Path]) -> list[dict]:
     plans = {"8": ("continuous", eight, adapter_flags(eight)),
              "1": ("continuous", eight[:1], adapter_flags(eight[:1])),
              "many": ("continuous", [d.name for d in dirs], ["--adapters", str(dirs[0].parent)]),  # all in the root
+             "resident": ("continuous", [d.name for d in dirs],
+                          ["--adapters", str(dirs[0].parent), "--max-cpu-loras", str(max(args.max_cpu_loras,
+                                                                                         len(dirs)))]),
              "static": ("static", eight, adapter_flags(eight)),
              "sequential": ("sequential", eight, adapter_flags(eight))}
+    # the offline answers are kept beside the adapters (generated from fixed seeds), so later runs reuse them
+    saved = work / f"offline-{Path(args.model).name}-r{args.rank}-t{args.max_tokens}.json"
     cache: dict = {}
+    if saved.is_file():
+        cache = {(a or None, p): text for a, p, text in json.loads(saved.read_text())}
     out = []
     for i, name in enumerate(args.scenarios):
         policy, names, flags = plans[name]
-        label = f"{args.many} adapters" if name == "many" else name if name in ("static", "sequential") \
-            else f"{name} adapter{'s' * (name != '1')}"
+        label = {"many": f"{args.many} adapters, cold", "resident": f"{args.many} adapters, in host memory",
+                 "static": "static", "sequential": "sequential"}.get(name, f"{name} adapter{'s' * (name != '1')}")
         for design in args.designs if i % 2 == 0 else args.designs[::-1]:  # alternate which design goes first
-            out.append(scenario(args, label, names, [*common, *flags], policy, work, by_name, cache, design))
+            out.append(scenario(args, label, names, [*common, *flags], policy, work, by_name, cache, design,
+                                warm=name == "resident"))
+            saved.write_text(json.dumps([[a or "", p, text] for (a, p), text in cache.items()]))
     return out
 
 
@@ -364,7 +395,7 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="loratune-serving-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     need = max([*args.adapters, 8] if "forward" in args.parts else [8])
-    if "load" in args.parts and "many" in args.scenarios:
+    if "load" in args.parts and {"many", "resident"} & set(args.scenarios):
         need = max(need, args.many)  # (the many-adapter server registers every adapter made)
     result: dict = {"model": args.model, "rank": args.rank, "torch_threads": torch.get_num_threads(),
                     "loadavg_start": os.getloadavg()}

@@ -19,15 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# ``loratune serve`` with ``loratune.serving.server.DESIGN`` set first: "v2" (the default) or "v1" (the first design)
+# ``loratune serve`` with ``loratune.serving.server.DESIGN`` set first: "v3" (the default), "v2" or "v1"
 SERVE = ("import sys, loratune.serving.server as s; s.DESIGN = sys.argv[1]; from loratune.cli import main; "
          "sys.exit(main(sys.argv[2:]))")
 
 
-def start_server(args, flags: list[str], log: Path, design: str = "v2") -> tuple[subprocess.Popen, str]:
+def start_server(args, flags: list[str], log: Path, design: str = "v3") -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-c", SERVE, design, "serve", "--model", args.model, "--port", str(port),
-           "--max-lora-rank", str(args.rank), "--max-batch", str(args.clients), "--served-model-name", "base", *flags]
+           "--max-lora-rank", str(args.rank), "--max-batch", str(args.clients), "--served-model-name", "base",
+           "--adapter-loaders", str(getattr(args, "loaders", 1)), *flags]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from serving_fixtures import load_base, make_adapters, offline_greedy
+import torch
+from serving_fixtures import ADAPTERS, load_base, make_adapters, offline_greedy
 from test_serving_scheduler import NEW, PROMPTS, Collector, _run
 
 from loratune.serving import AdapterRegistry, Sampling, Sequence, Server, ServingError
@@ -128,7 +129,6 @@ def test_decoding_goes_on_while_a_cold_adapter_is_read(tiny_dir, root, expected,
 @pytest.fixture
 def with_broken(root, tmp_path):
     """The adapters plus 'broken' (alpha's config; weights that are not safetensors) and 'nan' (alpha with a NaN)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     mixed = tmp_path / "root"
@@ -252,3 +252,23 @@ def test_one_read_per_adapter_across_threads_and_protected_ones_stay(tiny_dir, r
     with pytest.raises(registry_module.NotLoaded):
         reg.acquire("alpha", load=False)  # nothing read for it
     assert len(slow.reads) == 4 and reg.acquire("beta", load=False) == 1
+
+
+def test_scaling_folded_in_fp32_equals_the_float64_route_bit_for_bit(tiny_dir, root):
+    """A read folds s into B in the registry's dtype where s is exact in it (alpha's 8/4 = 2), else through float64
+    (beta's rsLoRA 4/√8 and 12/√8): either way the bits the float64 route gives."""
+    from safetensors.torch import load_file
+
+    from loratune.adapters import functional as LF
+
+    reg = AdapterRegistry(load_base(tiny_dir)[0], root)
+    for name, pick in [("alpha", "q_proj"), ("beta", "q_proj"), ("beta", "down_proj")]:
+        raw = load_file(root / name / "adapter_model.safetensors")
+        mod = next(p for p in reg.host_adapter(name).factors if p.endswith(pick))
+        cfg = ADAPTERS[name]
+        alpha = cfg.get("alpha_pattern", {}).get(pick, cfg["lora_alpha"])
+        b = raw[f"base_model.model.{mod}.lora_B.weight"]
+        s = LF.lora_scaling(alpha, b.shape[1], cfg.get("use_rslora", False))
+        assert (float(torch.tensor(s, dtype=torch.float32)) == s) == (name == "alpha")
+        got = reg.host_adapter(name).factors[mod][1]
+        assert torch.equal(got, (b.double() * s).float()), (name, pick)

@@ -67,14 +67,15 @@ class Scheduler:
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, eos_ids: set[int], max_batch: int = 32,
                  max_batch_tokens: int = 16384, policy: str = "continuous", batch_prefill: bool = True,
-                 prefill_tokens: int = 4096, loader_threads: int = 0):
+                 prefill_tokens: int = 4096, loader_threads: int = 0, join_wait: float = 1.0):
         """``batch_prefill``: the requests that join between two steps are prefilled together, in left-padded
         forwards of at most ``prefill_tokens`` tokens (False: one at a time, the first design). ``loader_threads``:
         read cold adapters on that many threads while decoding goes on (0: on this thread, as the first two
-        designs)."""
+        designs). ``join_wait``: with a loader and nothing running, how long (s) the first requests wait for the
+        reads of those queued with them, so that they join in one prefill rather than one small prefill each."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.batch_prefill, self.prefill_tokens = batch_prefill, prefill_tokens
+        self.batch_prefill, self.prefill_tokens, self.join_wait = batch_prefill, prefill_tokens, join_wait
         self.engine, self.registry, self.tok, self.eos = engine, registry, tokenizer, eos_ids
         self.max_batch = 1 if policy == "sequential" else max_batch
         self.max_tokens, self.policy = max_batch_tokens, policy
@@ -123,7 +124,7 @@ class Scheduler:
                     self._wake.wait(timeout=1.0)
                 if not self._stop and not self.active and not self._news:
                     # nothing runs and the last admission took nothing (adapters being read): wait for news
-                    self._wake.wait(timeout=0.5)
+                    self._wake.wait(timeout=0.1)
                 if self._stop:
                     break
                 self._news = False
@@ -151,6 +152,9 @@ class Scheduler:
         if self.policy == "static" and self.active:
             return
         lazy = self.loader is not None and self.policy == "continuous"  # pass over requests whose adapter is read
+        if lazy and not self.active and candidates and self.loader.pending() \
+                and time.perf_counter() - candidates[0].queued_at < self.join_wait:
+            return  # nothing runs: let the reads under way finish, then join together (a read's end wakes us)
         joined, kvs = [], []
         for seq in candidates:
             if len(self.active) + len(joined) >= self.max_batch:
