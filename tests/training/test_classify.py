@@ -164,3 +164,13 @@ def test_refusals(bert_dir, intents, tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.quantize is not supported"):
         train_classifier(_cfg(bert_dir, intents, tmp_path, "model.quantize=nf4"), progress=False)
     assert not (tmp_path / "run_config.yaml").exists()  # refused before the output dir is taken
+
+
+def test_the_example_config_is_a_classification_run(tmp_path, monkeypatch):
+    example = Path(__file__).resolve().parents[2] / "examples" / "classification.yaml"
+    monkeypatch.chdir(tmp_path)
+    make_intent_task(tmp_path / "data" / "intents", n_train=10, n_eval=5)
+    cfg = load_run_config(example)
+    assert cfg.task == "classification" and cfg.model.name == "all-minilm-l6-v2"
+    assert cfg.lora_config().task_type == "SEQ_CLS"
+    assert (cfg.data.text_column, cfg.data.label_column) == ("text", "label")
