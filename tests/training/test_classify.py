@@ -163,6 +163,8 @@ def test_refusals(bert_dir, intents, tiny_dir, tmp_path):
         train_classifier(_cfg(bert_dir, intents, tmp_path, "train.class_weights=[1, 2]"), progress=False)
     with pytest.raises(ConfigError, match="model.quantize is not supported"):
         train_classifier(_cfg(bert_dir, intents, tmp_path, "model.quantize=nf4"), progress=False)
+    with pytest.raises(ConfigError, match="early_stopping_patience and train.load_best are not supported"):
+        train_classifier(_cfg(bert_dir, intents, tmp_path, "train.load_best=true"), progress=False)
     assert not (tmp_path / "run_config.yaml").exists()  # refused before the output dir is taken
 
 

@@ -156,6 +156,9 @@ def check_classification_run(cfg: RunConfig) -> None:
                           "to train in full precision); drop model.quantize")
     if cfg.train.compile:
         raise ConfigError("train.compile is not supported with task: classification; set train.compile=false")
+    if cfg.train.patience or cfg.train.keep_best:  # (epochs: auto's early stopping lives in the causal-LM loop)
+        raise ConfigError("train.early_stopping_patience and train.load_best are not supported with task: "
+                          "classification yet; drop them (the run logs eval_accuracy at every train.eval_every)")
 
 
 def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = True, model_and_tokenizer=None,
