@@ -71,7 +71,7 @@ def check_encoder(name: str) -> None:
         raise LoraTuneError(f"cannot read the config of model '{name}' ({str(e).splitlines()[0]}); check that it is "
                             "a transformers model directory") from None
     archs = getattr(config, "architectures", None) or []
-    decoder = (any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    decoder = (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
                or (config.model_type in CAUSAL and config.model_type not in MASKED))
     if decoder or getattr(config, "is_decoder", False):
         kind = archs[0] if archs else config.model_type
