@@ -1,0 +1,176 @@
+"""Defaults that learn (issue 23): held-out exact match and wall time of the old defaults, the automatic ones and a
+small hand grid, on the quickstart's dates task (also trained with examples/dates.yaml's own settings) and three
+generated tasks of other kinds.
+
+    python benchmarks/defaults.py --out benchmarks/results/defaults.json > benchmarks/results/defaults.log 2>&1
+
+Every setting of a task trains on the same train file from the same seed and is scored on the same test file,
+which no setting sees in training (the automatic defaults hold their early-stopping rows out of the train file, as
+``data.eval_split: auto`` does for a user without an eval file). Settings:
+
+- ``old``: the defaults before issue 23: lr 2e-4, one epoch, no eval split;
+- ``auto``: only model, data and output_dir given (lr auto, epochs auto, eval_split auto);
+- ``hand-<lr>``: the hand grid, ``--grid`` rates × ``--grid-epochs`` epochs, no eval split;
+- ``example``: examples/dates.yaml's train settings (dates task only; its data paths replaced).
+
+Runs go in rounds (auto, the grid's likely best and the old defaults first, for every task; then the example
+config and the rest of the grid), each result appended to ``--out`` as it finishes, so that a run stopped early still leaves a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from loratune.data.dates_task import make_dates_task
+from loratune.data.pipeline import prepare_eval
+from loratune.training.config import load_run_config
+from loratune.training.evaluate import exact_match
+from loratune.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- generated tasks (seeded, small, short rows) --------------------------------------------------------------
+_ADJ = ["big", "red", "quiet", "old", "fast", "green", "small", "happy", "cold", "bright", "dark", "soft"]
+_NOUN = ["fox", "river", "table", "garden", "window", "engine", "letter", "cloud", "bridge", "forest", "coin", "lamp"]
+_POS = ["wonderful", "great", "excellent", "lovely", "delightful", "superb", "pleasant", "fantastic"]
+_NEG = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing", "bad", "unpleasant"]
+_THING = ["The food", "The service", "The movie", "The hotel", "The book", "The concert", "The trip", "The game"]
+_VERBS = {"walk": "walked", "play": "played", "cook": "cooked", "watch": "watched", "clean": "cleaned",
+          "go": "went", "eat": "ate", "see": "saw", "write": "wrote", "buy": "bought", "read": "read",
+          "drive": "drove", "make": "made", "take": "took", "find": "found", "bring": "brought"}
+_OBJ = {"walk": "to the park", "play": "chess", "cook": "dinner", "watch": "the news", "clean": "the kitchen",
+        "go": "to school", "eat": "an apple", "see": "the ocean", "write": "a letter", "buy": "some bread",
+        "read": "a book", "drive": "to work", "make": "a cake", "take": "the bus", "find": "the keys",
+        "bring": "a gift"}
+_SUBJ = ["I", "We", "They", "You"]
+_WHEN = ["every day", "on Mondays", "in the morning", "at night", "often", "with friends"]
+
+
+def _snake(rng: random.Random) -> tuple[str, str]:
+    words = [rng.choice(_ADJ), rng.choice(_ADJ), rng.choice(_NOUN)]
+    return "Convert to snake_case: " + " ".join(w.capitalize() for w in words), "_".join(words)
+
+
+def _sentiment(rng: random.Random) -> tuple[str, str]:
+    good = rng.random() < 0.5
+    adj = rng.choice(_POS if good else _NEG)
+    text = f"{rng.choice(_THING)} was {adj}" + rng.choice([".", " today.", ", honestly.", " this time."])
+    return f"Sentiment (positive or negative): {text}", "positive" if good else "negative"
+
+
+def _past(rng: random.Random) -> tuple[str, str]:
+    verb = rng.choice(list(_VERBS))
+    subj, when = rng.choice(_SUBJ), rng.choice(_WHEN)
+    return (f"Rewrite in the past tense: {subj} {verb} {_OBJ[verb]} {when}.",
+            f"{subj} {_VERBS[verb]} {_OBJ[verb]} {when}.")
+
+
+GENERATED = {"snake_case": (_snake, "Answer with the converted text only."),
+             "sentiment": (_sentiment, "Answer with one word."),
+             "past_tense": (_past, "Answer with the rewritten sentence only.")}
+
+
+def make_task(name: str, d: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path, str]:
+    """(train file, test file, system prompt) of task ``name``; rows distinct, train and test disjoint."""
+    d.mkdir(parents=True, exist_ok=True)
+    if name == "dates":
+        train_f, test_f = make_dates_task(d, n_train=n_train, n_eval=n_test, seed=seed)
+        return Path(train_f), Path(test_f), "Answer with the date only."
+    make, system = GENERATED[name]
+    rng, seen, rows = random.Random(f"{name}-{seed}"), set(), []
+    for _ in range(100_000):
+        if len(rows) == n_train + n_test:
+            break
+        prompt, answer = make(rng)
+        if prompt.lower() not in seen:
+            seen.add(prompt.lower())
+            rows.append({"prompt": prompt, "completion": answer})
+    for path, part in ((d / "train.jsonl", rows[:n_train]), (d / "test.jsonl", rows[n_train:])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    return d / "train.jsonl", d / "test.jsonl", system
+
+
+# --- settings ------------------------------------------------------------------------------------------------
+def settings(task: str, grid: list[float], grid_epochs: float) -> list[tuple[int, str, list[str]]]:
+    """(round, name, overrides) of every setting of ``task``."""
+    out = [(0, "auto", [])]
+    best_guess = max(grid)  # the small model's usual best: first, so that a stopped run still compares
+    out.append((0, f"hand-{best_guess:g}", [f"train.lr={best_guess}", f"train.epochs={grid_epochs}",
+                                            "data.eval_split=0"]))
+    out.append((0, "old", ["train.lr=2e-4", "train.epochs=1", "data.eval_split=0"]))
+    if task == "dates":
+        ex = yaml.safe_load((ROOT / "examples" / "dates.yaml").read_text())["train"]
+        out.append((1, "example", [f"train.{k}={v}" for k, v in ex.items()] + ["data.eval_split=0"]))
+    out += [(2, f"hand-{lr:g}", [f"train.lr={lr}", f"train.epochs={grid_epochs}", "data.eval_split=0"])
+            for lr in grid if lr != best_guess]
+    return out
+
+
+def run_one(task: str, name: str, overrides: list[str], files, work: Path, max_new_tokens: int,
+            model: str) -> dict:
+    train_f, test_f, system = files
+    out = work / task / name
+    shutil.rmtree(out, ignore_errors=True)
+    seq = 96 if task == "dates" else 64  # (the dates rows: examples/dates.yaml's 96)
+    cfg = load_run_config(None, [f"model={model}", f"data.train={train_f}", f"output_dir={out}",
+                                 f"data.max_seq_len={seq}", f"data.system_prompt={system}", "train.seed=0",
+                                 *overrides])
+    t0 = time.perf_counter()
+    res = train(cfg, overwrite=True, progress=False)
+    wall = time.perf_counter() - t0
+    test, _ = prepare_eval(dataclasses.replace(cfg.data, train=str(test_f), eval=None, eval_split=0.0),
+                           res.tokenizer)
+    em = exact_match(res.model, res.tokenizer, test, 32, max_new_tokens)["exact_match"]
+    search = json.loads((out / "lr_search.json").read_text()) if (out / "lr_search.json").is_file() else None
+    return {"task": task, "setting": name, "overrides": overrides, "exact_match": em, "train_wall_s": wall,
+            "lr": res.lr, "steps": res.steps, "stopped_early": res.stopped_early, "best_step": res.best_step,
+            "lr_search": search, "n_test": len(test)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "defaults.json"))
+    ap.add_argument("--work", default="/tmp/loratune_defaults")
+    ap.add_argument("--tasks", default="dates,snake_case,sentiment,past_tense")
+    ap.add_argument("--n-train", type=int, default=240)
+    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--grid", default="5e-4,2e-3", help="hand grid rates (comma-separated)")
+    ap.add_argument("--grid-epochs", type=float, default=3)
+    ap.add_argument("--rounds", default="0,1,2")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    a = ap.parse_args(argv)
+    work, out = Path(a.work), Path(a.out)
+    tasks = a.tasks.split(",")
+    grid = [float(x) for x in a.grid.split(",")]
+    files = {t: make_task(t, work / "data" / t, a.n_train, a.n_test) for t in tasks}
+    results = json.loads(out.read_text())["runs"] if out.is_file() else []
+    done = {(r["task"], r["setting"]) for r in results}
+    plan = sorted((rnd, ti, t, name, ov) for ti, t in enumerate(tasks) for rnd, name, ov in
+                  settings(t, grid, a.grid_epochs) if str(rnd) in a.rounds.split(","))
+    meta = {"model": a.model, "n_train": a.n_train, "n_test": a.n_test, "grid": grid, "grid_epochs": a.grid_epochs,
+            "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    for _, _, task, name, ov in plan:
+        if (task, name) in done:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {task} / {name}", flush=True)
+        r = run_one(task, name, ov, files[task], work, a.max_new_tokens, a.model)
+        print(f"[{time.strftime('%H:%M:%S')}] {task} / {name}: exact match {r['exact_match']:.1%}, "
+              f"{r['train_wall_s']:.0f} s, lr {r['lr']:g}, {r['steps']} steps", flush=True)
+        results.append(r)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
