@@ -14,7 +14,8 @@ which no setting sees in training (the automatic defaults hold their early-stopp
 - ``example``: examples/dates.yaml's train settings (dates task only; its data paths replaced).
 
 Runs go in rounds (auto, the grid's likely best and the old defaults first, for every task; then the example
-config and the rest of the grid), each result appended to ``--out`` as it finishes, so that a run stopped early still leaves a table.
+config and the rest of the grid), each result appended to ``--out`` as it finishes, so that a run stopped early
+still leaves a table.
 """
 
 from __future__ import annotations
