@@ -1,6 +1,6 @@
 """loratune: LoRA fine-tuning for transformers models, with adapter files in PEFT's format."""
 
-from .adapters import BASE, LoraConfig, LoraLayer, LoraModel, get_lora_model
+from .adapters import BASE, AdaLoraConfig, LoraConfig, LoraLayer, LoraModel, get_lora_model
 from .errors import AdapterFileError, ConfigError, DataError, LoraTuneError
 from .quant import NF4Linear, NF4Tensor, quantize_nf4
 
@@ -15,6 +15,6 @@ def load_base_model(name_or_path: str = "smollm2-135m-instruct", **kwargs):
 
 
 __all__ = [
-    "AdapterFileError", "BASE", "ConfigError", "DataError", "LoraConfig", "LoraLayer", "LoraModel",
+    "AdaLoraConfig", "AdapterFileError", "BASE", "ConfigError", "DataError", "LoraConfig", "LoraLayer", "LoraModel",
     "LoraTuneError", "NF4Linear", "NF4Tensor", "get_lora_model", "load_base_model", "quantize_nf4",
 ]

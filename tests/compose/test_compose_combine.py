@@ -417,3 +417,20 @@ def test_conv1d_svd_matches_reference():
     assert ours.tensors["base_model.model.conv3.lora_A.weight"].shape == (4, 8, 3)
     with pytest.raises(LoraTuneError, match="rank ≤ 4"):
         combine_adapters(adapters, W, "svd", svd_rank=5)
+
+
+def test_adalora_adapter_is_refused_by_every_compose_tool(tmp_path):
+    """AdaLoRA's ΔW is s·B·(A⊙E)/ranknum, not s·B·A: combine, analyze and resize refuse it in one line naming it."""
+    from loratune import AdaLoraConfig, get_lora_model
+
+    from conftest import tiny_llama
+
+    lm = get_lora_model(tiny_llama(layers=1), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                          target_modules=["q_proj", "v_proj"]))
+    lm.save_pretrained(tmp_path / "ada")
+    ada = load_adapter(tmp_path / "ada")
+    for tool in (lambda: combine_adapters([ada, ada], W, "cat"), lambda: analyze_adapter(ada),
+                 lambda: resize_adapter(ada, 2)):
+        with pytest.raises(LoraTuneError, match="is an AdaLoRA adapter") as e:
+            tool()
+        assert "\n" not in str(e.value)

@@ -4,6 +4,8 @@ folded into B, and the output types. llama.cpp itself loads these files in test_
 
 from __future__ import annotations
 
+import re
+
 import gguf
 import numpy as np
 import pytest
@@ -122,3 +124,19 @@ def test_outtypes(tiny_dir, tmp_path, outtype, tol):
     for name, (a, b) in ref.items():
         for x, y in ((a, got[name][0]), (b, got[name][1])):
             assert np.abs(x - y).max() <= tol * np.abs(x).max()
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"use_dora": True}, "is DoRA (its magnitude vector)"),
+    ({"use_adalora": True, "init_r": 4, "target_r": 2, "total_step": 10}, "is AdaLoRA (its singular values"),
+    ({"init_lora_weights": "pissa"}, "was initialized with pissa and applies to the residual base"),
+    ({"init_lora_weights": "olora"}, "was initialized with olora"),
+])
+def test_what_a_llama_cpp_adapter_cannot_carry_is_one_line_and_nothing_written(tiny_dir, tmp_path, config, says):
+    from loratune.formats.gguf import ExportError
+
+    ad = tiny_adapter(tiny_dir, tmp_path / "ad", **config)
+    with pytest.raises(ExportError, match=re.escape(says)) as e:
+        export_adapter(ad, tmp_path / "ad.gguf")
+    assert "\n" not in str(e.value) and "--format gguf" in str(e.value)
+    assert not (tmp_path / "ad.gguf").exists()

@@ -98,6 +98,10 @@ def lora_pairs(adapter: Adapter, allow_other: bool = True) -> dict[str, Pair]:
         raise ConfigError(f"adapter {adapter.name} is a DoRA adapter (use_dora=True); combining, analyzing and "
                           "resizing DoRA adapters is not supported yet (only the plain LoRA ΔW = s·B·A is): use "
                           "plain LoRA adapters")
+    if getattr(cfg, "use_adalora", False):  # ΔW = s·B·(A⊙E)/ranknum, not the s·B·A these tools read
+        raise ConfigError(f"adapter {adapter.name} is an AdaLoRA adapter (peft_type ADALORA); combining, analyzing "
+                          "and resizing AdaLoRA adapters is not supported (only the plain LoRA ΔW = s·B·A is): merge "
+                          "it (loratune merge) or use plain LoRA adapters")
     pairs: dict[str, Pair] = {}
     for key in t:
         if not key.startswith(PREFIX):

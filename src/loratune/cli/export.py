@@ -123,6 +123,9 @@ def _print_vllm(adapter: Path, base: str, name: str, cfg) -> None:
     from ..formats.ollama import vllm_serve_line
     from ..models import BUNDLED, resolve_model_path
 
+    if getattr(cfg, "use_adalora", False):  # vLLM serves LoRA adapters; its AdaLoRA support is untested here
+        print("vLLM: not suggested for an AdaLoRA adapter (serve the merged model, or train a plain LoRA)")
+        return
     ranks = [t.shape[0] for k, t in read_adapter_tensors(adapter).items() if k.endswith("lora_A.weight")]
     hf = str(resolve_model_path(base)) if base in BUNDLED or Path(base).suffix == ".gguf" else base
     print(f"serve the PEFT folder with vLLM:  {vllm_serve_line(hf, adapter, name, max(ranks, default=cfg.r))}")

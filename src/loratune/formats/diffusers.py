@@ -53,6 +53,9 @@ def _check_exportable(lora_model: LoraModel, adapter_name: str) -> LoraConfig:
     if adapter_name not in lora_model.peft_config:
         raise LoraTuneError(f"unknown adapter {adapter_name!r}; this model has {list(lora_model.peft_config)}")
     cfg = lora_model.peft_config[adapter_name]
+    if getattr(cfg, "use_adalora", False):
+        raise LoraTuneError(f"adapter {adapter_name!r} is AdaLoRA, whose singular values (lora_E) a diffusers LoRA "
+                            "file cannot carry; train a plain LoRA for diffusers")
     if cfg.modules_to_save or cfg.bias != "none":
         raise LoraTuneError(f"adapter {adapter_name!r} trains more than LoRA factors (modules_to_save="
                             f"{cfg.modules_to_save}, bias={cfg.bias!r}); diffusers' LoRA files hold only lora_A/lora_B "

@@ -219,6 +219,15 @@ def adapter_pairs(adapter_dir: str | Path, info: BaseInfo) -> tuple[float, list[
     cfg = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     merged_hint = "use --format gguf (the merged model carries everything)"
+    if getattr(cfg, "use_adalora", False) or getattr(cfg, "use_dora", False):
+        kind = "AdaLoRA (its singular values lora_E)" if getattr(cfg, "use_adalora", False) else \
+            "DoRA (its magnitude vector)"
+        raise ExportError(f"the adapter in {adapter_dir} is {kind}, which a llama.cpp LoRA adapter cannot carry "
+                          f"(only pairs A, B); {merged_hint}")
+    if cfg.init_lora_weights in ("pissa", "olora") or str(cfg.init_lora_weights).startswith(("pissa_niter", "loftq")):
+        raise ExportError(f"the adapter in {adapter_dir} was initialized with {cfg.init_lora_weights} and applies to "
+                          "the residual base its init left, not to the original model llama.cpp loads; save it with "
+                          f"save_pretrained(dir, convert_to_lora=True) first, or {merged_hint}")
     if cfg.modules_to_save:
         raise ExportError(f"the adapter in {adapter_dir} trains modules_to_save ({', '.join(cfg.modules_to_save)}), "
                           f"which a llama.cpp LoRA adapter cannot carry (only LoRA pairs); {merged_hint}")
