@@ -3,8 +3,9 @@
 Two copies of loratune's LoRA model on one shared copy of the base weights, with the same adapter weights: one eager,
 one with every decoder layer compiled by ``loratune.training.compiled.compile_layers`` (inductor, what
 ``train.compile: true`` runs). The step is ``causal_lm_loss(model, ...)`` + backward (no optimizer), on a fixed
-random batch. The compiled model's first steps pay the compile; that is reported on its own (the first compiled step,
-and the second, which compiles the backward graph of the second layer input's kind). Then both steps are timed
+random batch. The compiled model's first steps pay the compile; that is reported on its own (the first two compiled
+steps' times). By default the compile is cold: inductor's on-disk caches (FX graphs, AOT autograd) are off, as on a
+machine's first run; ``--warm-cache`` leaves them on, as on a later run of the same shapes. Then both steps are timed
 interleaved (the order alternating) over ``--repeats``; the ratio is the median over repeats of compiled/eager
 within each repeat (a shared machine's speed drifts, and moves steps run seconds apart together). The load average
 is printed before and after: on a loaded machine, quote the ratio, not the times.
@@ -141,6 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
                     help=f"any of {list(CONFIGS)}")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="leave inductor's on-disk caches on (default: off, so the compile time is a cold one)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -153,6 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.warm_cache:
+        from torch._functorch import config as aot_config
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        aot_config.enable_autograd_cache = False
     load_before = os.getloadavg()
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model} {args.batch}×{args.seq}, "
           f"load average {load_before[0]:.1f}", flush=True)
