@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default="8,1,many,resident,static,sequential")
     ap.add_argument("--designs", default="v3", help="server designs per load scenario, any of v1, v2, v3 (e.g. v2,v3)")
     ap.add_argument("--loaders", type=int, default=1, help="the v3 server's --adapter-loaders")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every scenario and design this many times, interleaved (ratios within a round)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads here and in the server (1: on a shared, loaded VM the thread pool's waits "
                          "swamp the measurement)")
@@ -81,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     for name in ("rank", "threads", "repeats", "requests", "clients", "max_tokens", "many", "max_loras",
-                 "max_cpu_loras", "loaders"):
+                 "max_cpu_loras", "loaders", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -367,14 +369,28 @@ def bench_load(args, work: Path, dirs: list[Path]) -> list[dict]:
     if saved.is_file():
         cache = {(a or None, p): text for a, p, text in json.loads(saved.read_text())}
     out = []
-    for i, name in enumerate(args.scenarios):
-        policy, names, flags = plans[name]
-        label = {"many": f"{args.many} adapters, cold", "resident": f"{args.many} adapters, in host memory",
-                 "static": "static", "sequential": "sequential"}.get(name, f"{name} adapter{'s' * (name != '1')}")
-        for design in args.designs if i % 2 == 0 else args.designs[::-1]:  # alternate which design goes first
-            out.append(scenario(args, label, names, [*common, *flags], policy, work, by_name, cache, design,
-                                warm=name == "resident"))
-            saved.write_text(json.dumps([[a or "", p, text] for (a, p), text in cache.items()]))
+    for rnd in range(args.rounds):
+        for i, name in enumerate(args.scenarios):
+            policy, names, flags = plans[name]
+            label = {"many": f"{args.many} adapters, cold", "resident": f"{args.many} adapters, in host memory",
+                     "static": "static", "sequential": "sequential"}.get(name, f"{name} adapter{'s' * (name != '1')}")
+            for design in args.designs if (i + rnd) % 2 == 0 else args.designs[::-1]:  # alternate the order
+                r = scenario(args, label, names, [*common, *flags], policy, work, by_name, cache, design,
+                             warm=name == "resident")
+                out.append({**r, "round": rnd})
+                saved.write_text(json.dumps([[a or "", p, text] for (a, p), text in cache.items()]))
+    return out
+
+
+def many_ratios(load: list[dict]) -> list[dict]:
+    """Per round and design, requests/s of each other continuous scenario over the 8-adapter one's."""
+    out = []
+    for r in load:
+        eight = [e for e in load if e["scenario"] == "8 adapters" and e["design"] == r["design"]
+                 and e.get("round") == r.get("round")]
+        if eight and r["scenario"] != "8 adapters" and r["policy"] == "continuous":
+            out.append({"round": r.get("round"), "design": r["design"], "scenario": r["scenario"],
+                        "vs_8_adapters": r["req_per_s"] / eight[0]["req_per_s"]})
     return out
 
 
@@ -411,6 +427,10 @@ def main(argv=None) -> int:
         if "load" in args.parts:
             print(LOAD_HEADER, flush=True)
             result["load"] = bench_load(args, work, dirs)
+            result["vs_8_adapters"] = many_ratios(result["load"])
+            for r in result["vs_8_adapters"]:
+                print(f"round {r['round']} {r['design']}: {r['scenario']} / 8 adapters = {r['vs_8_adapters']:.2f}",
+                      flush=True)
     finally:
         result["loadavg_end"] = os.getloadavg()
         if args.json:

@@ -126,6 +126,37 @@ def test_decoding_goes_on_while_a_cold_adapter_is_read(tiny_dir, root, expected,
         server.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("join_wait", [30.0, 0.0])
+def test_with_nothing_running_the_first_requests_wait_for_the_reads_queued_with_them(tiny_dir, root, expected,
+                                                                                     monkeypatch, join_wait):
+    """Nothing runs, beta's read is held and alpha is in host memory: alpha waits for beta (up to join_wait) and
+    both join in one prefill; with join_wait 0 alpha is served at once, beta after its read."""
+    slow = SlowReads(monkeypatch, held={"beta"})
+    model, tok = load_base(tiny_dir)
+    server = Server(model, tok, "tiny", root=root, max_loras=3, max_batch=8)
+    server.scheduler.join_wait = join_wait
+    server.registry.host_adapter("alpha")
+    prefills = []
+    prefill_many = server.scheduler.engine.prefill_many
+    server.scheduler.engine.prefill_many = lambda prompts, slots: prefills.append(len(prompts)) or prefill_many(
+        prompts, slots)
+    server.start()
+    try:
+        beta, beta_c = _submit(server, "beta", PROMPTS[1])
+        assert slow.started["beta"].wait(30)
+        alpha, alpha_c = _submit(server, "alpha", PROMPTS[2])
+        assert alpha_c.done.wait(0.5 if join_wait else 30) == (join_wait == 0)
+        assert server.scheduler.counters.steps == (0 if join_wait else NEW - 1)
+        slow.release()
+        assert alpha_c.done.wait(60) and beta_c.done.wait(60)
+        assert alpha.out == expected["alpha", PROMPTS[2], NEW] and beta.out == expected["beta", PROMPTS[1], NEW]
+        assert prefills == ([2] if join_wait else [1, 1])
+    finally:
+        slow.release()
+        server.stop()
+
+
 @pytest.fixture
 def with_broken(root, tmp_path):
     """The adapters plus 'broken' (alpha's config; weights that are not safetensors) and 'nan' (alpha with a NaN)."""

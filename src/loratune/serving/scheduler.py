@@ -67,12 +67,14 @@ class Scheduler:
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, eos_ids: set[int], max_batch: int = 32,
                  max_batch_tokens: int = 16384, policy: str = "continuous", batch_prefill: bool = True,
-                 prefill_tokens: int = 4096, loader_threads: int = 0, join_wait: float = 1.0):
+                 prefill_tokens: int = 4096, loader_threads: int = 0, join_wait: float = 5.0):
         """``batch_prefill``: the requests that join between two steps are prefilled together, in left-padded
         forwards of at most ``prefill_tokens`` tokens (False: one at a time, the first design). ``loader_threads``:
         read cold adapters on that many threads while decoding goes on (0: on this thread, as the first two
-        designs). ``join_wait``: with a loader and nothing running, how long (s) the first requests wait for the
-        reads of those queued with them, so that they join in one prefill rather than one small prefill each."""
+        designs). ``join_wait``: with a loader and nothing running, how long (s) at most the first requests wait
+        for the reads of the others that fit the batch, so that they join in one prefill rather than one small
+        prefill each (a closed loop of clients sends requests in waves; while a batch runs, requests join at each
+        step as their adapters arrive)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.batch_prefill, self.prefill_tokens, self.join_wait = batch_prefill, prefill_tokens, join_wait
@@ -152,9 +154,9 @@ class Scheduler:
         if self.policy == "static" and self.active:
             return
         lazy = self.loader is not None and self.policy == "continuous"  # pass over requests whose adapter is read
-        if lazy and not self.active and candidates and self.loader.pending() \
+        if lazy and not self.active and self._reading_ahead(candidates[:self.max_batch]) \
                 and time.perf_counter() - candidates[0].queued_at < self.join_wait:
-            return  # nothing runs: let the reads under way finish, then join together (a read's end wakes us)
+            return  # nothing runs: let the reads for the batch finish, then join together (a read's end wakes us)
         joined, kvs = [], []
         for seq in candidates:
             if len(self.active) + len(joined) >= self.max_batch:
@@ -186,6 +188,13 @@ class Scheduler:
         if joined:
             self.engine.join(kvs)
             self.active += joined
+
+    def _reading_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether the adapter of one of ``seqs`` is still to be read."""
+        try:
+            return any(s.adapter is not None and self.registry.state(s.adapter) in ("reading", "disk") for s in seqs)
+        except ServingError:  # unloaded meanwhile: admission fails that request now
+            return False
 
     def _leave(self, seq: Sequence) -> None:
         with self._wake:
