@@ -4,8 +4,9 @@ Two copies of loratune's LoRA model on one shared copy of the base weights, with
 one with every decoder layer compiled by ``loratune.training.compiled.compile_layers`` (inductor, what
 ``train.compile: true`` runs). The step is ``causal_lm_loss(model, ...)`` + backward (no optimizer), on a fixed
 random batch. The compiled model's first steps pay the compile; that is reported on its own (the first two compiled
-steps' times). By default the compile is cold: inductor's on-disk caches (FX graphs, AOT autograd) are off, as on a
-machine's first run; ``--warm-cache`` leaves them on, as on a later run of the same shapes. Then both steps are timed
+steps' times). By default the compile is cold: inductor's on-disk caches (FX graphs, AOT autograd) are off and its
+cache directory (built C++ kernels) is a new empty one for each config, as on a machine's first run;
+``--warm-cache`` leaves them as they are, as on a later run of the same shapes. Then both steps are timed
 interleaved (the order alternating) over ``--repeats``; the ratio is the median over repeats of compiled/eager
 within each repeat (a shared machine's speed drifts, and moves steps run seconds apart together). The load average
 is printed before and after: on a loaded machine, quote the ratio, not the times.
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -105,6 +108,8 @@ def bench(name: str, cfg: dict, args) -> dict:
 
     torch._dynamo.reset()
     counters.clear()
+    if not args.warm_cache:  # a new empty cache directory: the kernels' C++ is compiled afresh (inductor reads it late)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_step_inductor_")
     eager, compiled = build(cfg, args.model)
     vocab = eager.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -129,6 +134,8 @@ def bench(name: str, cfg: dict, args) -> dict:
     }
     if cfg["lora_dropout"] == 0:
         out.update(parity(eager, compiled, batch))
+    if not args.warm_cache:
+        shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
     return out
 
 
