@@ -176,3 +176,13 @@ def test_the_example_config_is_a_classification_run(tmp_path, monkeypatch):
     assert cfg.task == "classification" and cfg.model.name == "all-minilm-l6-v2"
     assert cfg.lora_config().task_type == "SEQ_CLS"
     assert (cfg.data.text_column, cfg.data.label_column) == ("text", "label")
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_writes_the_same_adapter(bert_dir, intents, tmp_path):
+    cfg = _cfg(bert_dir, intents, tmp_path, "train.max_steps=2")
+    train_classifier(cfg, progress=False)
+    first = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    res = train_classifier(cfg, progress=False)
+    assert [h["step"] for h in res.history] == [1, 2]
+    again = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
