@@ -98,3 +98,25 @@ def test_explicit_length_trains_to_the_end_without_early_stopping(tiny_dir, data
     res = train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=8", "train.eval_every=2"), progress=False)
     assert res.steps == 8 and not res.stopped_early and res.best_step is None
     assert len(scripted_eval) == 4
+
+
+# --- extending a finished run (issue 22) ------------------------------------------------------------------------
+def test_raising_max_steps_extends_a_finished_run_like_an_uninterrupted_longer_one(tiny_dir, data_files, tmp_path):
+    extra = ("train.scheduler=constant", "train.warmup_ratio=0", "train.save_every=2")
+    longer = tmp_path / "longer"
+    whole = train(_cfg(tiny_dir, data_files, longer, "train.max_steps=8", *extra), progress=False)
+    ext = tmp_path / "ext"
+    first = train(_cfg(tiny_dir, data_files, ext, "train.max_steps=4", *extra), progress=False)
+    with pytest.warns(UserWarning, match=r"extending the run in .*max_steps: 4 -> 8.*continues from step-0000004"):
+        res = train(_cfg(tiny_dir, data_files, ext, "train.max_steps=8", *extra), progress=False)
+    assert res.steps == 8 and [h["step"] for h in res.history] == list(range(1, 9))
+    a, b = _weights(longer / "adapter"), _weights(ext / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in whole.history]
+    assert res.seconds >= first.seconds  # the run's training time, both sessions
+    assert "max_steps: 8" in (ext / "run_config.yaml").read_text()
+    # shortening below the trained steps is refused in one line; another change still needs --overwrite
+    with pytest.raises(loop.TrainingError, match="past this config's 6 steps"):
+        train(_cfg(tiny_dir, data_files, ext, "train.max_steps=6", *extra), progress=False)
+    with pytest.raises(loop.TrainingError, match="different config"):
+        train(_cfg(tiny_dir, data_files, ext, "train.max_steps=8", "train.lr=1e-3", *extra), progress=False)

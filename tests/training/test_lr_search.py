@@ -130,3 +130,16 @@ def test_auto_values_are_read_and_numbers_stay_numbers(tiny_dir, data_files, tmp
                "data.eval_split=0.2")
     assert cfg.train.lr == 1e-4 and cfg.train.epochs == 2.0 and not cfg.train.auto_epochs
     assert cfg.data.eval_split == 0.2 and cfg.train.patience == 0 and not cfg.train.keep_best
+
+
+def test_overwrite_searches_again(tiny_dir, data_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(lr_search, "SHARE", 1.0)
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.max_steps=12")
+    calls = []
+    real = lr_search.search_lr
+    monkeypatch.setattr(lr_search, "search_lr", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(cfg, progress=False, stop_after=1)
+    train(cfg, progress=False, stop_after=1)  # the same run again: its search is read back
+    assert len(calls) == 1
+    train(cfg, overwrite=True, progress=False, stop_after=1)  # a run replaced: its search goes with it
+    assert len(calls) == 2

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..adapters.files import load_adapter_weights
 from ..errors import AdapterFileError, LoraTuneError
@@ -85,10 +86,34 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+LENGTH_KEYS = ("train.max_steps", "train.epochs")  # a run that differs only here extends (or is) the same run
+
+
+def flat_config(text: str) -> dict:
+    """A dumped run config as ``{"train.lr": 0.001, ...}``."""
+    def flat(d, prefix=""):
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    return dict(flat(yaml.safe_load(text)))
+
+
+def only_length_changed(old_text: str, new_text: str) -> bool:
+    """True when two dumped run configs differ, and only in the run's length (train.max_steps, train.epochs): the
+    new config extends the old run, which continues from its last checkpoint with its schedule recomputed."""
+    old, new = flat_config(old_text), flat_config(new_text)
+    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    return bool(changed) and changed <= set(LENGTH_KEYS)
+
+
 def check_checkpoint(ckpt: Path, config_text: str) -> dict:
-    """``ckpt``'s trainer state, refused (TrainingError) if it was made with another config."""
+    """``ckpt``'s trainer state, refused (TrainingError) if it was made with another config (one that differs only
+    in the run's length is this run, extended)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state["config"] != config_text:
+    if state["config"] != config_text and not only_length_changed(state["config"], config_text):
         raise TrainingError(f"checkpoint {ckpt} was made with a different config; run with --overwrite to "
                             "start over, or restore the config it was made with")
     return state

@@ -162,6 +162,9 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     if ckpt is not None:
         start = load_checkpoint(ckpt, lm, opt, sched, config_text, adapter=False,
                                 place=distributed.shard_like if fsdp else None, rank=rank)
+        if start > steps:
+            raise TrainingError(f"{out} holds a run trained to step {start}, past this config's {steps} steps; "
+                                "keep its length (or raise it to extend the run), or pass --overwrite to start over")
         if rank == 0:
             print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
                   else f"resuming from {ckpt} (step {start} of {steps})", flush=True)
@@ -180,6 +183,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     hooks = variants.training_hooks(lm)  # what a variant adds to a step (AdaLoRA: a penalty, rank allocation)
     pad = tok.pad_token_id
     t0, tokens_seen = time.time(), 0
+    before = history[-1].get("time_s", 0.0) if history else 0.0  # training seconds of the run's earlier sessions
     step = start
     for step in range(start + 1, end + 1):
         rows = global_batch(step - 1, len(data.train), per_epoch, per_step, tc.seed)
@@ -215,8 +219,9 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         sched.step()
         opt.zero_grad(set_to_none=True)
 
+        now = time.time() - t0
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_seen * world / max(time.time() - t0, 1e-9)}
+                  "tokens_per_s": tokens_seen * world / max(now, 1e-9), "time_s": before + now}
         if data.eval and (step == steps or (every and step % every == 0)):
             record["eval_loss"] = eval_loss(lm, data.eval, pad, tc.eval_batch_size)["loss"]
         log.step(record)
@@ -258,8 +263,8 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             write_loss_curve(history, out / "loss_curve.png")
     if world > 1:
         dist.barrier()
-    return RunResult(lm, tok, data, adapter_dir, history, step, time.time() - t0, rank, tc.lr, best_step,
-                     stopped_early)
+    seconds = history[-1].get("time_s", time.time() - t0) if history else 0.0  # the run's, not this session's
+    return RunResult(lm, tok, data, adapter_dir, history, step, seconds, rank, tc.lr, best_step, stopped_early)
 
 
 def _checkpoint(out: Path, step: int, lm, opt, sched, config_text: str, tc, rank: int, params, fsdp: bool) -> None:

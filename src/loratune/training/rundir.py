@@ -7,13 +7,19 @@ import shutil
 import warnings
 from pathlib import Path
 
-import yaml
-
 from ..errors import ConfigWarning
 from ..fsutil import writable_place, write_text
-from .checkpoints import CHECKPOINTS, TrainingError, latest_checkpoint, remove_stale_temps
+from .checkpoints import (
+    CHECKPOINTS,
+    TrainingError,
+    flat_config,
+    latest_checkpoint,
+    only_length_changed,
+    remove_stale_temps,
+)
 
-OUTPUTS = ("adapter", "merged", "metrics.jsonl", "loss_curve.png", "data_report.txt")  # what a run writes
+OUTPUTS = ("adapter", "merged", "metrics.jsonl", "loss_curve.png", "data_report.txt", "lr_search.json",
+           "lr_search.png")  # what a run writes
 
 
 def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
@@ -33,6 +39,10 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     if old == config_text:
         return
     changed = config_changes(old, config_text)
+    if only_length_changed(old, config_text) and latest_checkpoint(out) is not None:
+        warnings.warn(f"extending the run in {out} ({changed}): it continues from {latest_checkpoint(out).name} "
+                      "with its learning-rate schedule recomputed for the new length", ConfigWarning, stacklevel=3)
+        return
     if latest_checkpoint(out) is None:  # it never trained a step: nothing of value to protect
         warnings.warn(f"{out} holds a run that never finished a step, with another config ({changed}); this run "
                       "takes its place", ConfigWarning, stacklevel=3)
@@ -43,14 +53,7 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
 
 def config_changes(old_text: str, new_text: str) -> str:
     """'train.lr: 0.001 -> 0.0002, ...' for the keys that differ between two dumped run configs."""
-    def flat(d, prefix=""):
-        for k, v in (d or {}).items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(yaml.safe_load(old_text))), dict(flat(yaml.safe_load(new_text)))
+    old, new = flat_config(old_text), flat_config(new_text)
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)]
     return ", ".join(diffs[:5]) + (f" and {len(diffs) - 5} more" if len(diffs) > 5 else "") or "formatting"
@@ -61,7 +64,9 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     run's outputs go first (only what a run writes: other files in ``out`` are left alone); what a killed write
     left behind goes in any case."""
     saved = out / "run_config.yaml"
-    if saved.is_file() and (overwrite or saved.read_text() != config_text):  # replacing a run: its outputs go
+    replaced = overwrite or (saved.is_file() and saved.read_text() != config_text
+                             and not (only_length_changed(saved.read_text(), config_text) and latest_checkpoint(out)))
+    if saved.is_file() and replaced:  # replacing a run: its outputs go
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         for name in OUTPUTS:
             path = out / name
