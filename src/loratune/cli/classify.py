@@ -142,8 +142,12 @@ def cmd_eval_classifier(args) -> int:
         measure("adapter")
     names = [str(v) for v in labels.labels]
     plot = Path(getattr(args, "plot", None) or Path(args.adapter).resolve().parent / PLOT_NAME)
-    write_confusion_png({f"{n} (accuracy {r['accuracy']:.1%})": r["confusion"] for n, r in results.items()},
-                        names, plot)
+    try:
+        write_confusion_png({f"{n} (accuracy {r['accuracy']:.1%})": r["confusion"] for n, r in results.items()},
+                            names, plot)
+    except OSError as e:
+        raise LoraTuneError(f"cannot write the confusion matrix plot {plot} ({e.strerror or e}); make its directory "
+                            "writable, or evaluate a copy of the adapter in a directory you can write to") from None
     shown = _examples(rows, true, predictions, labels, getattr(args, "show", 0) or 0)
     if args.json:
         out = {n: {**r, **({"examples": shown[n]} if shown else {})} for n, r in results.items()}

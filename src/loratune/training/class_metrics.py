@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_write
+
 
 def confusion_matrix(true: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
     """k × k counts: row = the true class, column = the predicted one (scikit-learn's layout)."""
@@ -62,5 +64,7 @@ def write_confusion_png(confusions: dict[str, list[list[int]]], labels: list[str
         ax.set_ylabel("true")
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # whole or not at all
+    finally:
+        plt.close(fig)
