@@ -17,6 +17,7 @@ from loratune.data.intents import intent_rows, make_intent_task
 from loratune.data.labels import LabelSet, read_labelled
 from loratune.errors import ConfigError
 from loratune.models import resolve_model_path
+from loratune.training.checkpoints import TrainingError
 from loratune.training.class_metrics import confusion_table, scores
 from loratune.training.classify import check_encoder, load_classifier, predict_logits, train_classifier, weighted_loss
 from loratune.training.config import load_run_config
@@ -186,3 +187,13 @@ def test_rerunning_a_finished_run_trains_nothing_and_writes_the_same_adapter(ber
     assert [h["step"] for h in res.history] == [1, 2]
     again = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_longer_config_extends_the_run_and_a_shorter_one_is_refused(bert_dir, intents, tmp_path):
+    train_classifier(_cfg(bert_dir, intents, tmp_path, "train.max_steps=2"), progress=False)
+    with pytest.warns(UserWarning, match="extending the run"):
+        res = train_classifier(_cfg(bert_dir, intents, tmp_path, "train.max_steps=4"), progress=False)
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4]
+    assert res.history[-1]["time_s"] >= res.history[1]["time_s"] > 0
+    with pytest.raises(TrainingError, match="trained to step 4, past this config's 3 steps"):
+        train_classifier(_cfg(bert_dir, intents, tmp_path, "train.max_steps=3"), progress=False)

@@ -209,6 +209,9 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
     start = 0
     if ckpt is not None:
         start = load_checkpoint(ckpt, lm, opt, sched, config_text, adapter=False)
+        if start > steps:  # (a config that differs only in its length extends the run: checkpoints.py)
+            raise TrainingError(f"{out} holds a run trained to step {start}, past this config's {steps} steps; "
+                                "keep its length (or raise it to extend the run), or pass --overwrite to start over")
         if progress:
             print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
                   else f"resuming from {ckpt} (step {start} of {steps})", flush=True)
@@ -216,6 +219,7 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
                  config=cfg.to_dict())
     max_len = cfg.data.max_seq_len
     t0, tokens_seen, step = time.time(), 0, start
+    before = log.history[-1].get("time_s", 0.0) if log.history else 0.0  # training seconds of earlier sessions
     for step in range(start + 1, steps + 1):
         rows = global_batch(step - 1, len(data.train), per_epoch, per_step, tc.seed)
         targets = torch.tensor([data.train_ids[i] for i in rows])
@@ -236,8 +240,9 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        now = time.time() - t0
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9)}
+                  "tokens_per_s": tokens_seen / max(now, 1e-9), "time_s": before + now}
         if data.eval and (step == steps or (tc.eval_every and step % tc.eval_every == 0)):
             record.update(eval_metrics(lm, tok, data, tc.eval_batch_size, max_len, weights))
         log.step(record)
@@ -255,7 +260,8 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
     adapter_dir = out / "adapter"
     save_classifier(lm, tok, data.labels, cfg.model.name, adapter_dir)
     write_loss_curve(history, out / "loss_curve.png")
-    return ClassifierResult(lm, tok, data, adapter_dir, history, step, time.time() - t0)
+    seconds = history[-1].get("time_s", time.time() - t0) if history else 0.0  # the run's, not this session's
+    return ClassifierResult(lm, tok, data, adapter_dir, history, step, seconds)
 
 
 def eval_metrics(lm, tok, data: LabelledData, batch_size: int, max_len: int,
