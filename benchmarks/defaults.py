@@ -24,11 +24,11 @@ import argparse
 import dataclasses
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from loratune.data.dates_task import make_dates_task
@@ -119,14 +119,13 @@ def settings(task: str, grid: list[float], grid_epochs: float) -> list[tuple[int
 def run_one(task: str, name: str, overrides: list[str], files, work: Path, max_new_tokens: int,
             model: str) -> dict:
     train_f, test_f, system = files
-    out = work / task / name
-    shutil.rmtree(out, ignore_errors=True)
+    out = work / task / name  # (kept: a restarted benchmark resumes a run, its lr search included)
     seq = 96 if task == "dates" else 64  # (the dates rows: examples/dates.yaml's 96)
     cfg = load_run_config(None, [f"model={model}", f"data.train={train_f}", f"output_dir={out}",
                                  f"data.max_seq_len={seq}", f"data.system_prompt={system}", "train.seed=0",
                                  *overrides])
     t0 = time.perf_counter()
-    res = train(cfg, overwrite=True, progress=False)
+    res = train(cfg, progress=False)
     wall = time.perf_counter() - t0
     test, _ = prepare_eval(dataclasses.replace(cfg.data, train=str(test_f), eval=None, eval_split=0.0),
                            res.tokenizer)
@@ -149,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", default="0,1,2")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 wastes less "
+                                                           "on a loaded machine")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     work, out = Path(a.work), Path(a.out)
     tasks = a.tasks.split(",")
     grid = [float(x) for x in a.grid.split(",")]
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["task"], r["setting"]) for r in results}
     plan = sorted((rnd, ti, t, name, ov) for ti, t in enumerate(tasks) for rnd, name, ov in
                   settings(t, grid, a.grid_epochs) if str(rnd) in a.rounds.split(","))
-    meta = {"model": a.model, "n_train": a.n_train, "n_test": a.n_test, "grid": grid, "grid_epochs": a.grid_epochs,
-            "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    meta = {"model": a.model, "threads": torch.get_num_threads(), "n_train": a.n_train, "n_test": a.n_test,
+            "grid": grid, "grid_epochs": a.grid_epochs, "argv": sys.argv[1:],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     for _, _, task, name, ov in plan:
         if (task, name) in done:
             continue
