@@ -102,6 +102,11 @@ def test_eval_reports_accuracy_macro_f1_and_confusion(trained, intents, capsys):
     assert main(["eval", "--adapter", adapter, "--data", str(intents[1]), "--json", "--no-base",
                  "--no-progress"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"adapter", "labels", "plot"}
+    plot = trained.parent / "elsewhere" / "cm.png"
+    plot.parent.mkdir(exist_ok=True)
+    assert main(["eval", "--adapter", adapter, "--data", str(intents[1]), "--json", "--no-base", "--no-progress",
+                 "--plot", str(plot)]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(plot) and plot.stat().st_size > 5000
 
 
 def test_predict_prints_labels_and_probabilities(trained, tmp_path, capsys):

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--no-base", action="store_true", help="evaluate only base+adapter (the base is not run)")
     which.add_argument("--base-only", action="store_true", help="evaluate only the base model")
     e.add_argument("--show", type=_count, default=0, metavar="N", help="print N examples, misses first")
+    e.add_argument("--plot", help="a classifier's confusion-matrix PNG (default: beside the adapter directory)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     _device_args(e)
 

@@ -120,7 +120,7 @@ def cmd_eval_classifier(args) -> int:
     from ..data.labels import read_labelled
     from ..training.class_metrics import confusion_table, scores, write_confusion_png
     from ..training.classify import predict_logits
-    from .infer import finite_or_none
+    from .output import finite_or_none
 
     lm, tok, labels, max_len = load_classifier_adapter(args.adapter, args.model, args.device, args.dtype)
     rows = read_labelled(args.data, labels, "eval file")
@@ -204,7 +204,7 @@ def add_parser(sub) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..data.labels import LabelSet
     from ..training.classify import predict_logits
-    from .infer import is_classifier
+    from .output import is_classifier
 
     if not is_classifier(args.adapter):
         raise LoraTuneError(f"{args.adapter} is not a classification adapter (its task_type is not SEQ_CLS); "

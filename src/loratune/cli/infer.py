@@ -4,18 +4,17 @@ prompts."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from .. import devices
 from ..adapters import LoraModel
-from ..adapters.files import read_adapter_config, read_quantization, recorded_base
+from ..adapters.files import read_quantization, recorded_base
 from ..data import DataConfig, prepare_eval
 from ..errors import AdapterFileError, LoraTuneError
 from ..models import load_base_model
 from ..training.evaluate import eval_loss, exact_match, generate_batch, merged_for_generation
 from ..training.loop import PROMPT_FILE, require_causal_lm
-from .output import print_table
+from .output import finite_or_none, is_classifier, print_table
 
 
 def load_for_inference(adapter: str | None, model_name: str | None, system_prompt: str | None = None,
@@ -43,11 +42,6 @@ def load_for_inference(adapter: str | None, model_name: str | None, system_promp
     if system_prompt is None:
         system_prompt = _saved_system_prompt(Path(adapter) / PROMPT_FILE)
     return LoraModel.from_pretrained(model, adapter), tok, system_prompt
-
-
-def is_classifier(adapter: str) -> bool:
-    """Whether the adapter in ``adapter`` was trained for sequence classification (PEFT's task_type SEQ_CLS)."""
-    return read_adapter_config(adapter).task_type == "SEQ_CLS"
 
 
 def _base_quantization(adapter: str | None) -> dict:
@@ -80,16 +74,6 @@ def _saved_system_prompt(path: Path) -> str | None:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def finite_or_none(rows: dict) -> dict:
-    """``rows`` with every NaN or infinite number replaced by None: JSON has no NaN."""
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
-    return clean(rows)
 
 
 def prompt_ids(tok, messages: list[dict], system_prompt: str | None) -> list[int]:

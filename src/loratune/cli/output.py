@@ -1,8 +1,12 @@
-"""What the commands print: the eval table and the end-of-run summary."""
+"""What the commands print (the eval table, the end-of-run summary, JSON without NaN), and what kind of adapter a
+directory holds: shared by the causal-LM commands (infer.py) and the classification ones (classify.py)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+from ..adapters.files import read_adapter_config
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -31,3 +35,16 @@ def print_summary(history: list[dict], seconds: float, adapter_dir: Path) -> Non
           f"adapter {adapter_dir}")
 
 
+def is_classifier(adapter: str) -> bool:
+    """Whether the adapter in ``adapter`` was trained for sequence classification (PEFT's task_type SEQ_CLS)."""
+    return read_adapter_config(adapter).task_type == "SEQ_CLS"
+
+
+def finite_or_none(rows: dict) -> dict:
+    """``rows`` with every NaN or infinite number replaced by None: JSON has no NaN."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return clean(rows)
