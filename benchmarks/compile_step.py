@@ -8,8 +8,10 @@ steps' times). By default the compile is cold: inductor's on-disk caches (FX gra
 cache directory (built C++ kernels) is a new empty one for each config, as on a machine's first run;
 ``--warm-cache`` leaves them as they are, as on a later run of the same shapes. Then both steps are timed
 interleaved (the order alternating) over ``--repeats``; the ratio is the median over repeats of compiled/eager
-within each repeat (a shared machine's speed drifts, and moves steps run seconds apart together). The load average
-is printed before and after: on a loaded machine, quote the ratio, not the times.
+within each repeat (a shared machine's speed drifts, and moves steps run seconds apart together), for wall time and
+for the process's CPU time (all threads): on a machine loaded by others, wall time includes waiting for a core and
+CPU time does not (it does include OpenMP threads' spin-waits). The load average is printed before and after: on a
+loaded machine, quote the ratios, not the times.
 
 Also checked, at dropout 0: the compiled step's loss and adapter gradients against eager's (at dropout > 0 the
 compiled model draws one mask per module where eager siblings share one, so the values differ by design:
@@ -77,13 +79,23 @@ def step(model, batch) -> float:
     return loss.item()
 
 
-def timed(model, batch) -> float:
-    start = time.perf_counter()
+def timed(model, batch) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process, all threads) of one step."""
+    start, cpu = time.perf_counter(), time.process_time()
     step(model, batch)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     for p in model.parameters():
         p.grad = None
-    return elapsed
+    return elapsed, cpu
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, list[float]]:
+    """The median of a/b within each repeat and its quartiles."""
+    ratios = [x / y for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        return ratios[0], [ratios[0], ratios[0]]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, [q1, q3]
 
 
 def grads(model) -> list[torch.Tensor]:
@@ -117,20 +129,23 @@ def bench(name: str, cfg: dict, args) -> dict:
     batch = (ids, torch.ones_like(ids), ids.clone())
     timed(eager, batch)  # warm: kernels built, allocator grown
     layers = compile_layers(compiled)
-    first = [timed(compiled, batch) for _ in range(2)]  # the compile, forward and backward graphs
+    first = [timed(compiled, batch)[0] for _ in range(2)]  # the compile, forward and backward graphs
     eager_times, compiled_times = [], []
     for r in range(args.repeats):
         pair = [(eager, eager_times), (compiled, compiled_times)]
         for model, times in pair if r % 2 == 0 else pair[::-1]:
             times.append(timed(model, batch))
-    ratios = [c / e for c, e in zip(compiled_times, eager_times)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+    wall = [t[0] for t in eager_times], [t[0] for t in compiled_times]
+    cpu = [t[1] for t in eager_times], [t[1] for t in compiled_times]
+    ratio, quartiles = paired(wall[1], wall[0])
+    cpu_ratio, cpu_quartiles = paired(cpu[1], cpu[0])
     out = {
         "config": name, "layers_compiled": layers,
         "graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
-        "first_compiled_steps_s": first, "eager_median_s": statistics.median(eager_times),
-        "compiled_median_s": statistics.median(compiled_times), "compiled_over_eager": statistics.median(ratios),
-        "ratio_quartiles": [q1, q3], "eager_s": eager_times, "compiled_s": compiled_times,
+        "first_compiled_steps_s": first, "eager_median_s": statistics.median(wall[0]),
+        "compiled_median_s": statistics.median(wall[1]), "compiled_over_eager": ratio, "ratio_quartiles": quartiles,
+        "cpu_compiled_over_eager": cpu_ratio, "cpu_ratio_quartiles": cpu_quartiles,
+        "eager_s": wall[0], "compiled_s": wall[1], "eager_cpu_s": cpu[0], "compiled_cpu_s": cpu[1],
     }
     if cfg["lora_dropout"] == 0:
         out.update(parity(eager, compiled, batch))
@@ -178,8 +193,10 @@ def main(argv=None) -> int:
         results.append(r)
         line = (f"{name}: eager {1e3 * r['eager_median_s']:.0f} ms, compiled {1e3 * r['compiled_median_s']:.0f} ms, "
                 f"compiled/eager {r['compiled_over_eager']:.3f} [{r['ratio_quartiles'][0]:.3f}, "
-                f"{r['ratio_quartiles'][1]:.3f}]; first compiled steps {r['first_compiled_steps_s'][0]:.1f} s, "
-                f"{r['first_compiled_steps_s'][1]:.1f} s; graph breaks {r['graph_breaks']}, graphs {r['graphs']}")
+                f"{r['ratio_quartiles'][1]:.3f}] (CPU time: {r['cpu_compiled_over_eager']:.3f} "
+                f"[{r['cpu_ratio_quartiles'][0]:.3f}, {r['cpu_ratio_quartiles'][1]:.3f}]); first compiled steps "
+                f"{r['first_compiled_steps_s'][0]:.1f} s, {r['first_compiled_steps_s'][1]:.1f} s; "
+                f"graph breaks {r['graph_breaks']}, graphs {r['graphs']}")
         if "loss_rel_diff" in r:
             line += f"; loss rel diff {r['loss_rel_diff']:.1e}, grads {r['grad_rel_diff']:.1e}"
         print(line, flush=True)
