@@ -236,7 +236,8 @@ def _stacked_batch(lm, names, slots, **kw):
     ([2, 2, 2, 2], 8, "single"),                # one adapter on every row: no gather, no scatter
     ([3, None, 1, 3, 2, None, 1], 8, "onehot"),  # a few adapters and base rows at decode shapes
     ([3, 1, 2, 1, 3, 2], 2, "grouped"),         # more adapters than ONEHOT_MAX: one-hot per group of adapters
-    ([3, None, 1, 2, None, 3], 1, "grouped"),   # the same with base rows
+    ([3, None, 1, 2, None, 3, 1, 2], 1, "grouped"),  # the same with base rows
+    ([3, 1, None, 2], 2, "general"),            # more adapters, a row each: the general path's gathered bmms
 ])
 def test_fast_paths_equal_the_first_design_and_single_models(slots, onehot_max, path, monkeypatch):
     import loratune.adapters.batch as batch_mod

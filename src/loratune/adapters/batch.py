@@ -248,7 +248,8 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
       own r columns (base rows: none), and one expand ``addmm`` into the base output: two products per layer instead
       of a gather, two bmms and a scatter, at n times the adapter FLOPs (small next to the base at r ≪ hidden). With
       more adapters, the same per group of ``ONEHOT_MAX`` adapters over the rows grouped by adapter, then one
-      scatter back (fewer ops than a product pair per segment, with no per-row gather of the factors).
+      scatter back (fewer ops than a product pair per segment, with no per-row gather of the factors), unless the
+      segments average under two rows: then the general path's gathered bmms.
     """
     inplace = not (result.requires_grad or x.requires_grad)
     if len(batch.distinct) == 1 and batch.all_adapted:
@@ -278,6 +279,12 @@ def _fast_terms(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, batch: 
         u = u * batch.slot_mask(x.device, x.dtype).unsqueeze(1)
         out2 = result.view(n * tokens, -1)
         return out2.addmm_(u.view(n * tokens, -1), Bc).view_as(result)
+    if batch.prefer_gathered(tokens):
+        # More adapters than ONEHOT_MAX in segments of under two rows on average (in serving: each request its own
+        # adapter): the general path's two gathered bmms read each row's own factors once, where the grouped one-hot
+        # multiplies every row by its group's 8 adapters. Measured (benchmarks/serving.py, forward, fp32, one
+        # thread): grouped/gathered 1.19x at 32 rows x 32 adapters, 1.05x at 16 x 16; 0.96x at 64 x 32 (2 rows each).
+        return None
     # More adapters: the adapted rows grouped by adapter, and the one-hot product per group of ONEHOT_MAX adapters
     # (the same FLOPs per row as above), then one scatter back into the rows.
     batch.paths["grouped"] += 1
