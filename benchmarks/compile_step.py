@@ -172,6 +172,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--repeats must be at least 1 (medians need a timing)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         ap.error(f"--json {args.json}: its directory does not exist (create it first)")
+    from loratune.errors import LoraTuneError
+    from loratune.models import BUNDLED, resolve_model_path
+
+    if args.model != "tiny" and args.model not in BUNDLED:  # (checked now, not after minutes of eager steps)
+        try:
+            resolve_model_path(args.model)
+        except LoraTuneError as e:
+            ap.error(f"--model: {e}")
     return args
 
 
