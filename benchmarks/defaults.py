@@ -136,6 +136,31 @@ def run_one(task: str, name: str, overrides: list[str], files, work: Path, max_n
             "lr_search": search, "n_test": len(test)}
 
 
+def table(paths: list[Path]) -> str:
+    """The docs' markdown table from result files: per task, each setting's exact match, wall time, rate and steps,
+    and auto against the best finished hand setting (points of exact match, ratio of wall time)."""
+    runs = [r for p in paths if p.is_file() for r in json.loads(p.read_text())["runs"]]
+    lines = ["| task | setting | exact match | train wall s | lr | steps | note |", "|---|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in runs):
+        mine = [r for r in runs if r["task"] == task]
+        hand = [r for r in mine if r["setting"].startswith("hand-")]
+        best = max(hand, key=lambda r: (r["exact_match"], -r["train_wall_s"])) if hand else None
+        for r in mine:
+            note = []
+            if r["setting"] == "auto":
+                if r["lr_search"] and r["lr_search"]["candidates"]:
+                    note.append("search: " + ", ".join(f"{c['lr']:.1e}→{c['eval_loss']:.3f}"
+                                                       for c in r["lr_search"]["candidates"]))
+                if r["stopped_early"]:
+                    note.append(f"stopped early, best step {r['best_step']}")
+                if best:
+                    note.append(f"vs best hand: {100 * (r['exact_match'] - best['exact_match']):+.1f} points, "
+                                f"{r['train_wall_s'] / best['train_wall_s']:.2f}× wall time")
+            lines.append(f"| {task} | {r['setting']} | {r['exact_match']:.1%} ({r['n_test']}) | "
+                         f"{r['train_wall_s']:.0f} | {r['lr']:g} | {r['steps']} | {'; '.join(note)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "defaults.json"))
@@ -150,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 wastes less "
                                                            "on a loaded machine")
+    ap.add_argument("--table", nargs="*", help="print the markdown table of these result files and exit")
     a = ap.parse_args(argv)
+    if a.table is not None:
+        print(table([Path(p) for p in a.table or [a.out]]))
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     work, out = Path(a.work), Path(a.out)
