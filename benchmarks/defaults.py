@@ -124,6 +124,7 @@ def run_one(task: str, name: str, overrides: list[str], files, work: Path, max_n
     cfg = load_run_config(None, [f"model={model}", f"data.train={train_f}", f"output_dir={out}",
                                  f"data.max_seq_len={seq}", f"data.system_prompt={system}", "train.seed=0",
                                  *overrides])
+    reused = (out / "lr_search.json").is_file()  # a restarted benchmark: the search ran in the earlier process
     t0 = time.perf_counter()
     res = train(cfg, progress=False)
     wall = time.perf_counter() - t0
@@ -133,7 +134,7 @@ def run_one(task: str, name: str, overrides: list[str], files, work: Path, max_n
     search = json.loads((out / "lr_search.json").read_text()) if (out / "lr_search.json").is_file() else None
     return {"task": task, "setting": name, "overrides": overrides, "exact_match": em, "train_wall_s": wall,
             "lr": res.lr, "steps": res.steps, "stopped_early": res.stopped_early, "best_step": res.best_step,
-            "lr_search": search, "n_test": len(test)}
+            "lr_search": search, "search_reused": reused, "n_test": len(test)}
 
 
 def table(paths: list[Path]) -> str:
@@ -150,7 +151,10 @@ def table(paths: list[Path]) -> str:
             if r["setting"] == "auto":
                 if r["lr_search"] and r["lr_search"]["candidates"]:
                     note.append("search: " + ", ".join(f"{c['lr']:.1e}→{c['eval_loss']:.3f}"
-                                                       for c in r["lr_search"]["candidates"]))
+                                                       for c in r["lr_search"]["candidates"])
+                                + f" ({r['lr_search']['seconds']:.0f} s"
+                                + (", in an earlier process, not in the wall time)" if r.get("search_reused")
+                                   else ")"))
                 if r["stopped_early"]:
                     note.append(f"stopped early, best step {r['best_step']}")
                 if best:
