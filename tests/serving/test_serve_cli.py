@@ -24,6 +24,11 @@ def test_parser_and_build(tiny_dir, tmp_path):
     assert args.adapter == [("extra", str(root / "alpha"))] and args.max_loras == 2
     server = build_server(args)
     assert server.registry.names() == ["alpha", "extra"] and server.registry.max_cpu_loras == 4
+    assert server.design == "v3" and server.scheduler.loader is not None and server.scheduler.loader.workers == 1
+    args = _parse(["serve", "--model", str(tiny_dir), "--adapters", str(root), "--adapter-loaders", "0"])
+    assert build_server(args).scheduler.loader is None  # read on the scheduler's thread, as the second design
+    with pytest.raises(SystemExit):
+        _parse(["serve", "--adapter-loaders", "-1"])
     with pytest.raises(SystemExit):
         _parse(["serve", "--max-loras", "0"])
     with pytest.raises(SystemExit):
