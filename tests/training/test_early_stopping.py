@@ -78,6 +78,7 @@ def test_early_stopping_stops_and_keeps_the_best_adapter_bit_exactly(tiny_dir, d
     assert all(torch.equal(_weights(tmp_path / "adapter")[k], best[k]) for k in best)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_early_stop_and_best_adapter(tiny_dir, data_files, tmp_path, scripted_eval):
     extra = ("train.max_steps=12", "train.eval_every=2", "train.save_every=2", "train.early_stopping_patience=2",
              "train.load_best=true")
@@ -101,6 +102,7 @@ def test_explicit_length_trains_to_the_end_without_early_stopping(tiny_dir, data
 
 
 # --- extending a finished run (issue 22) ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_raising_max_steps_extends_a_finished_run_like_an_uninterrupted_longer_one(tiny_dir, data_files, tmp_path):
     extra = ("train.scheduler=constant", "train.warmup_ratio=0", "train.save_every=2")
     longer = tmp_path / "longer"
@@ -116,7 +118,7 @@ def test_raising_max_steps_extends_a_finished_run_like_an_uninterrupted_longer_o
     assert res.seconds >= first.seconds  # the run's training time, both sessions
     assert "max_steps: 8" in (ext / "run_config.yaml").read_text()
     # shortening below the trained steps is refused in one line; another change still needs --overwrite
-    with pytest.raises(loop.TrainingError, match="past this config's 6 steps"):
+    with pytest.raises(loop.TrainingError, match="past this config's 6 steps"), pytest.warns(UserWarning):
         train(_cfg(tiny_dir, data_files, ext, "train.max_steps=6", *extra), progress=False)
     with pytest.raises(loop.TrainingError, match="different config"):
         train(_cfg(tiny_dir, data_files, ext, "train.max_steps=8", "train.lr=1e-3", *extra), progress=False)

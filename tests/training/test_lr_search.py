@@ -67,6 +67,7 @@ def test_plan_stays_within_its_share_of_the_run():
     assert not short.runs and "too short to search" in short.note and "steps" in short.note
 
 
+@pytest.mark.slow
 def test_auto_run_searches_once_saves_before_training_and_matches_the_explicit_rate(tiny_dir, data_files, tmp_path,
                                                                                     monkeypatch):
     monkeypatch.setattr(lr_search, "SHARE", 1.0)  # (a search as long as the run: a short run, a quick test)
@@ -132,6 +133,7 @@ def test_auto_values_are_read_and_numbers_stay_numbers(tiny_dir, data_files, tmp
     assert cfg.data.eval_split == 0.2 and cfg.train.patience == 0 and not cfg.train.keep_best
 
 
+@pytest.mark.slow
 def test_overwrite_searches_again(tiny_dir, data_files, tmp_path, monkeypatch):
     monkeypatch.setattr(lr_search, "SHARE", 1.0)
     cfg = _cfg(tiny_dir, data_files, tmp_path, "train.max_steps=12")
