@@ -89,6 +89,8 @@ def _threads() -> int:
 # --- the kernel's entry points, also as torch custom ops --------------------------------------------------------------
 # Fake implementations let torch.compile and meta-device tracing see one op each; eager calls go to the kernel
 # directly (through the dispatcher the custom-op path made the training step ~5 % longer, ops/blocks.py).
+# Their seed is a Python int, so a compiled graph would bake one in: the compiled LoRA path uses
+# ``traced.dropout_from_seed`` instead, whose seed is a tensor drawn in the graph.
 def _fill_keep_mask(keep: torch.Tensor, seed: int, p: float) -> None:
     """Fill the contiguous bool ``keep`` with the keep mask of its flattened elements."""
     LIBRARY.lib.lt_keep_mask(keep.data_ptr(), 0, keep.numel(), seed, *thresholds(p), _threads())
