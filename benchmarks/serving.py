@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default="8,1,many,resident,static,sequential")
     ap.add_argument("--designs", default="v3", help="server designs per load scenario, any of v1, v2, v3 (e.g. v2,v3)")
     ap.add_argument("--loaders", type=int, default=1, help="the v3 server's --adapter-loaders")
+    ap.add_argument("--stagger", type=float, default=0.0,
+                    help="seconds over which the clients' first requests are spread (0: all at once, so requests "
+                         "come in waves)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every scenario and design this many times, interleaved (ratios within a round)")
     ap.add_argument("--threads", type=int, default=1,
@@ -308,7 +311,7 @@ def scenario(args, name: str, names: list[str], flags: list[str], policy: str, w
         before = _counters(url)
         load0 = os.getloadavg()[0]
         run = asyncio.run(client_run(url, jobs, 1 if policy == "sequential" else args.clients, args.max_tokens,
-                                      args.time_limit))
+                                      args.time_limit, args.stagger))
         counters = _counters(url)
     finally:
         proc.terminate()
@@ -336,7 +339,7 @@ def scenario(args, name: str, names: list[str], flags: list[str], policy: str, w
            "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99), "ttft_p50_ms": 1000 * pct(ttft, 0.5),
            "ttft_p99_ms": 1000 * pct(ttft, 0.99), "adapter_loads": delta("loratune_adapter_loads_total"),
            "adapter_swaps": delta("loratune_adapter_swaps_total"), "decode_steps": delta("loratune_decode_steps_total"),
-           "warm": warm, "loadavg_1min": [load0, os.getloadavg()[0]],
+           "warm": warm, "stagger_s": args.stagger, "loadavg_1min": [load0, os.getloadavg()[0]],
            "first_errors": [r["error"] for _, r in done if r["error"]][:3], "first_differences": differ[:3]}
     print(_load_line(out), flush=True)
     return out

@@ -47,7 +47,11 @@ def start_server(args, flags: list[str], log: Path, design: str = "v3") -> tuple
     raise RuntimeError("the server did not start within 600 s")
 
 
-async def client_run(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int, limit: float) -> dict:
+async def client_run(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int, limit: float,
+                     stagger: float = 0.0) -> dict:
+    """Run ``jobs`` from ``clients`` concurrent clients, each sending its next request when the last one ends;
+    ``stagger``: client i starts i·stagger/clients s late, so arrivals spread over the steps instead of coming in
+    waves (with equal ``max_tokens`` the clients otherwise start, finish and send again together)."""
     import httpx
 
     results: list[dict | None] = [None] * len(jobs)
@@ -81,7 +85,8 @@ async def client_run(url: str, jobs: list[tuple[str, str]], clients: int, max_to
         results[i] = {"latency": end - t0, "ttft": (first or end) - t0, "text": "".join(text), "error": error,
                       "tokens": usage["completion_tokens"] if usage else 0}
 
-    async def worker(client):
+    async def worker(client, k):
+        await asyncio.sleep(k * stagger / clients)
         for i in next_job:
             if time.perf_counter() - start > limit:
                 return
@@ -89,6 +94,6 @@ async def client_run(url: str, jobs: list[tuple[str, str]], clients: int, max_to
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        await asyncio.gather(*(worker(client, k) for k in range(clients)))
     wall = time.perf_counter() - start
     return {"wall": wall, "results": results}

@@ -67,17 +67,21 @@ class Scheduler:
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, eos_ids: set[int], max_batch: int = 32,
                  max_batch_tokens: int = 16384, policy: str = "continuous", batch_prefill: bool = True,
-                 prefill_tokens: int = 4096, loader_threads: int = 0, join_wait: float = 5.0):
+                 prefill_tokens: int = 4096, loader_threads: int = 0, join_wait: float = 5.0,
+                 read_wait: float = 0.25):
         """``batch_prefill``: the requests that join between two steps are prefilled together, in left-padded
         forwards of at most ``prefill_tokens`` tokens (False: one at a time, the first design). ``loader_threads``:
         read cold adapters on that many threads while decoding goes on (0: on this thread, as the first two
         designs). ``join_wait``: with a loader and nothing running, how long (s) at most the first requests wait
         for the reads of the others that fit the batch, so that they join in one prefill rather than one small
         prefill each (a closed loop of clients sends requests in waves; while a batch runs, requests join at each
-        step as their adapters arrive)."""
+        step as their adapters arrive). ``read_wait``: while a batch runs, how long admission waits for the reads
+        of the requests that fit, as a share of the last decode step (a read much shorter than a step then joins at
+        once, as it would on this thread; a long one never holds the batch longer than that share)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.batch_prefill, self.prefill_tokens, self.join_wait = batch_prefill, prefill_tokens, join_wait
+        self.read_wait, self._last_step = read_wait, 0.0
         self.engine, self.registry, self.tok, self.eos = engine, registry, tokenizer, eos_ids
         self.max_batch = 1 if policy == "sequential" else max_batch
         self.max_tokens, self.policy = max_batch_tokens, policy
@@ -157,6 +161,8 @@ class Scheduler:
         if lazy and not self.active and self._reading_ahead(candidates[:self.max_batch]) \
                 and time.perf_counter() - candidates[0].queued_at < self.join_wait:
             return  # nothing runs: let the reads for the batch finish, then join together (a read's end wakes us)
+        if lazy and self.active:
+            self._await_reads(candidates[:self.max_batch - len(self.active)])
         joined, kvs = [], []
         for seq in candidates:
             if len(self.active) + len(joined) >= self.max_batch:
@@ -188,6 +194,18 @@ class Scheduler:
         if joined:
             self.engine.join(kvs)
             self.active += joined
+
+    def _await_reads(self, seqs: list[Sequence]) -> None:
+        """Wait (a read's end wakes us) until the adapters of ``seqs`` are read, at most ``read_wait`` of a step."""
+        deadline = time.perf_counter() + self.read_wait * self._last_step
+        while self._reading_ahead(seqs):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            with self._wake:
+                if not self._news:
+                    self._wake.wait(left)
+                self._news = False
 
     def _reading_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the adapter of one of ``seqs`` is still to be read."""
@@ -263,7 +281,9 @@ class Scheduler:
         return running, kvs
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
         logits = self.engine.decode([s.out[-1] for s in self.active], [s.slot for s in self.active])
+        self._last_step = time.perf_counter() - t0
         self.counters.steps += 1
         keep = [i for i, seq in enumerate(self.active) if not self._advance(seq, logits[i])]
         if len(keep) < len(self.active):
