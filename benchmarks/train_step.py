@@ -274,6 +274,9 @@ def build_models(cfg: dict, args, routed_floor: bool = False):
 def compile_decoder_layers(model) -> int:
     """torch.compile (inductor) on each decoder layer of ``model`` (a transformers model, or loratune's or PEFT's
     wrapper of one), as ``train.compile`` does; returns how many."""
+    from loratune import ops
+
+    ops.load_kernels()  # before tracing: loading a kernel takes a lock, which would break the graph
     hf = next((m for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
     names = set(hf._no_split_modules) if hf is not None else set()
     layers = [m for m in model.modules() if type(m).__name__ in names]
