@@ -55,6 +55,11 @@ class AdapterLoader:
         with self._lock:
             return len(self._pending)
 
+    def reading(self, name: str) -> bool:
+        """Whether a read of ``name`` is queued or under way here."""
+        with self._lock:
+            return name in self._pending
+
     def take_failures(self) -> dict[str, ServingError]:
         """The reads that failed since the last call, name -> the error its requests fail with."""
         with self._lock:

@@ -208,11 +208,9 @@ class Scheduler:
                 self._news = False
 
     def _reading_ahead(self, seqs: list[Sequence]) -> bool:
-        """Whether the adapter of one of ``seqs`` is still to be read."""
-        try:
-            return any(s.adapter is not None and self.registry.state(s.adapter) in ("reading", "disk") for s in seqs)
-        except ServingError:  # unloaded meanwhile: admission fails that request now
-            return False
+        """Whether the loader is reading (or about to read) the adapter of one of ``seqs`` (one it was not asked for,
+        beyond the ``max_cpu_loras`` it reads ahead, is not waited for)."""
+        return any(s.adapter is not None and self.loader.reading(s.adapter) for s in seqs)
 
     def _leave(self, seq: Sequence) -> None:
         with self._wake:
