@@ -134,3 +134,21 @@ def test_path_traversal_is_refused_before_reading(tiny_dir, root, tmp_path):
         for p in (root / "halflink").iterdir():
             os.unlink(p)
         (root / "halflink").rmdir()
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"use_dora": True}, "is a DoRA adapter"),
+    ({"use_adalora": True, "init_r": 4, "target_r": 2, "total_step": 10}, "is an AdaLoRA adapter"),
+    ({"init_lora_weights": "pissa"}, "is an adapter initialized with init_lora_weights=pissa"),
+])
+def test_variant_adapters_are_refused_by_name(tiny_dir, tmp_path, config, says):
+    """DoRA, AdaLoRA and unconverted PiSSA-style adapters are not ΔW = s·B·A on the served base: one line naming
+    the variant and the way out, and the adapter is not kept."""
+    from loratune import LoraConfig, get_lora_model
+
+    lm = get_lora_model(load_base(tiny_dir)[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **config))
+    lm.save_pretrained(tmp_path / "root" / "v")
+    reg = AdapterRegistry(load_base(tiny_dir)[0], tmp_path / "root")  # (registers the root's subfolders)
+    with pytest.raises(ServingError, match=says) as e:
+        reg.host_adapter("v")
+    assert "\n" not in str(e.value) and "loratune merge" in str(e.value) and e.value.status == 400

@@ -249,6 +249,13 @@ class AdapterRegistry:
             raise ServingError(f"adapter '{name}' trains biases or whole modules (bias={cfg.bias!r}, modules_to_save="
                                f"{cfg.modules_to_save}); the server applies LoRA factors on linear layers only",
                                param="lora_path")
+        variant = ("an AdaLoRA adapter" if getattr(cfg, "use_adalora", False) else "a DoRA adapter" if cfg.use_dora
+                   else f"an adapter initialized with init_lora_weights={cfg.init_lora_weights}"
+                   if str(cfg.init_lora_weights).startswith(("pissa", "olora", "loftq")) else None)
+        if variant:  # not ΔW = s·B·A on the base this server holds: merge it, or convert/train a plain LoRA
+            raise ServingError(f"adapter '{name}' is {variant}; the server applies plain LoRA (ΔW = s·B·A on "
+                               "the original base): serve the merged model (loratune merge), or save PiSSA/OLoRA "
+                               "adapters with convert_to_lora=True", param="lora_path")
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         sums = []  # per module, the float64 sums of A and B: finite exactly when every value is (no overflow in f64)
         for key, a in found.items():
