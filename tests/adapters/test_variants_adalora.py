@@ -408,9 +408,6 @@ def test_training_loop_resumes_an_adalora_run_from_its_cut_checkpoint(tiny_dir, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="training/loop.py and checkpoints.py do not store the AdaLoRA hooks' state yet "
-                   "(hooks.state_dict(): the allocator's scores and the dropped triplets); remove this marker when "
-                   "they do")
 def test_training_loop_resume_is_exact(tiny_dir, data_files, tmp_path):
     from loratune.training.loop import train
 

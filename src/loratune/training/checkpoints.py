@@ -32,7 +32,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, state: dict | None = None) ->
 
 
 def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str,
-                    optimizer_state: dict | None = None, rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
+                    optimizer_state: dict | None = None, rng: list[dict[str, torch.Tensor]] | None = None,
+                    hook_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-N of ``model`` (a LoraModel) whole or not at all (``fsutil.atomic_dir``).
 
     Every tensor is written from the CPU: a checkpoint made on a GPU resumes on any device. ``rng``: the random
@@ -46,6 +47,8 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str,
             for r, states in enumerate(rng or [_own_rng()]):
                 for key, state in states.items():
                     tensors[f"rng.{key}" + (f".rank{r}" if r else "")] = state
+            for key, t in (hook_state or {}).items():  # a variant's training state (AdaLoRA's allocator)
+                tensors[f"hooks.{key}"] = t
             save_tensors(tensors, tmp / "trainer_state.safetensors")
             save_json({"step": step, "optimizer": meta, "scheduler": sched.state_dict(), "config": config_text},
                       tmp / "trainer_state.json")
@@ -55,6 +58,12 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, config_text: str,
                             "disk space and run the same command again: it resumes from "
                             + (last.name if last else "the start")) from None
     return final
+
+
+def load_hook_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The variant training state ``save_checkpoint(hook_state=)`` stored (empty for plain LoRA)."""
+    tensors = read_tensors(ckpt / "trainer_state.safetensors")
+    return {k[len("hooks."):]: v for k, v in tensors.items() if k.startswith("hooks.")}
 
 
 def _own_rng() -> dict[str, torch.Tensor]:
@@ -131,7 +140,7 @@ def load_checkpoint(ckpt: Path, model, opt, sched, config_text: str, adapter: bo
     tensors = read_tensors(ckpt / "trainer_state.safetensors")
     sd = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     for key, v in tensors.items():
-        if key.startswith("rng."):
+        if key.startswith(("rng.", "hooks.")):
             continue
         pid, name = key.split(".", 1)
         sd["state"].setdefault(int(pid), {})[name] = v

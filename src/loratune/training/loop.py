@@ -33,6 +33,7 @@ from .checkpoints import (
     check_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_hook_state,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -180,7 +181,9 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     end = start if keeper.stopped else steps  # a run that stopped early is complete
     if keeper.stopped and rank == 0:
         print(f"run already complete (stopped early at step {start}); writing its outputs again", flush=True)
-    hooks = variants.training_hooks(lm)  # what a variant adds to a step (AdaLoRA: a penalty, rank allocation)
+    hooks = variants.training_hooks(lm, steps)  # what a variant adds to a step (AdaLoRA: penalty, rank allocation)
+    if ckpt is not None:
+        hooks.load_state_dict(load_hook_state(ckpt))
     pad = tok.pad_token_id
     t0, tokens_seen = time.time(), 0
     before = history[-1].get("time_s", 0.0) if history else 0.0  # training seconds of the run's earlier sessions
@@ -229,7 +232,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
             end = step  # early stopping: this step is the run's last
         # The last step is always checkpointed: rerunning a finished command then has nothing left to do.
         if step == end or (tc.save_every and step % tc.save_every == 0):
-            _checkpoint(out, step, lm, opt, sched, config_text, tc, rank, params, fsdp)
+            _checkpoint(out, step, lm, opt, sched, config_text, tc, rank, params, fsdp, hooks)
         if step == end or (stop_after is not None and step - start >= stop_after):
             break
     if step == end and history and "eval_loss" in history[-1]:
@@ -267,12 +270,14 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     return RunResult(lm, tok, data, adapter_dir, history, step, seconds, rank, tc.lr, best_step, stopped_early)
 
 
-def _checkpoint(out: Path, step: int, lm, opt, sched, config_text: str, tc, rank: int, params, fsdp: bool) -> None:
+def _checkpoint(out: Path, step: int, lm, opt, sched, config_text: str, tc, rank: int, params, fsdp: bool,
+                hooks: variants.TrainingHooks) -> None:
     """checkpoints/step-N, written by rank 0, with every process's generator states; under FSDP every process
     first gathers its shards (collectives, all)."""
     rng = distributed.rng_states(dist.get_world_size() if dist.is_initialized() else 1)
     state = distributed.optimizer_tensors_whole(opt) if fsdp else None
     with distributed.whole_params(lm, params) if fsdp else contextlib.nullcontext():
         if rank == 0:
-            save_checkpoint(out, step, lm, opt, sched, config_text, optimizer_state=state, rng=rng)
+            save_checkpoint(out, step, lm, opt, sched, config_text, optimizer_state=state, rng=rng,
+                            hook_state=hooks.state_dict())
             prune_checkpoints(out, tc.keep_checkpoints)
