@@ -14,6 +14,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -102,6 +103,17 @@ def tiny_dir(tmp_path_factory) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def save_tiny_bert(d: Path, hidden: int = 32, heads: int = 2, dropout: float = 0.1) -> Path:
+    """A tiny random BERT encoder (2 layers, no head) with MiniLM's tokenizer, saved as an HF folder in ``d``."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                         intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)).save_pretrained(d)
     tok.save_pretrained(d)
     return d
 

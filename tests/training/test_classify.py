@@ -10,34 +10,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification
 
 from loratune.adapters import LoraModel
 from loratune.data.intents import intent_rows, make_intent_task
 from loratune.data.labels import LabelSet, read_labelled
 from loratune.errors import ConfigError
-from loratune.models import resolve_model_path
 from loratune.training.checkpoints import TrainingError
 from loratune.training.class_metrics import confusion_table, scores
 from loratune.training.classify import check_encoder, load_classifier, predict_logits, train_classifier, weighted_loss
 from loratune.training.config import load_run_config
 
-from conftest import rel_err
+from conftest import rel_err, save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
-    """A tiny random BERT encoder (no head) with MiniLM's tokenizer, saved as an HF folder."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2"))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden=64, heads=4, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
