@@ -110,3 +110,9 @@ def override(**changes) -> Iterator[Settings]:
         yield _current
     finally:
         _current = before
+
+
+def library_default(name: str, value: str) -> None:
+    """Set environment variable ``name`` to ``value`` for a third-party library that reads its switches there (W&B's
+    ``WANDB_SILENT``, MLflow's ``MLFLOW_ALLOW_FILE_STORE``), unless the user has set it: their value wins."""
+    os.environ.setdefault(name, value)

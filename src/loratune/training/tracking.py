@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from .. import settings
 from ..errors import ConfigError
 from ..fsutil import write_text
 
@@ -147,7 +147,7 @@ class _Wandb(_Tracker):
     def __init__(self, out: Path, name: str, config: dict):
         import wandb
 
-        os.environ.setdefault("WANDB_SILENT", "true")
+        settings.library_default("WANDB_SILENT", "true")
         self.run = wandb.init(project="loratune", name=name, dir=str(out), mode="offline", config=config,
                               reinit="create_new")
 
@@ -166,7 +166,7 @@ class _Mlflow(_Tracker):
 
         # MLflow 3 keeps its file store in "maintenance mode" behind this switch; a local directory (no server, no
         # database driver) is what issue 22's users asked for, and `mlflow ui` still reads it.
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        settings.library_default("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
         experiment = self.client.get_experiment_by_name("loratune")
         eid = experiment.experiment_id if experiment else self.client.create_experiment("loratune")
