@@ -68,3 +68,27 @@ def test_exact_match_counts_hits_and_lists_misses_first(lm_tok, capsys):
     err = capsys.readouterr().err
     assert "em" in err and "6/6" in err and "<" in err  # tqdm: count and elapsed<remaining
     assert exact_match(lm, tok, rows[-1:])["exact_match"] is None
+
+
+def test_exact_match_merges_only_when_the_pass_is_long_enough(lm_tok, monkeypatch):
+    """merge=None: the adapters are merged for a pass of rows × new tokens ≥ MERGE_AT (the merge then pays), left
+    unmerged below it; an explicit merge= wins; the answers are the same either way."""
+    from loratune.training import evaluate
+
+    lm, tok = lm_tok
+    rows = [SimpleNamespace(prompt_ids=p, reference="x") for p in _prompts(tok, n=3, seed=4)]
+    seen = []
+
+    def merged_during_generation(model, *a, **kw):
+        seen.append(any(layer.merged for _, layer in model.lora_layers()))
+        return real(model, *a, **kw)
+
+    real = evaluate.generate_batch
+    monkeypatch.setattr(evaluate, "generate_batch", merged_during_generation)
+    monkeypatch.setattr(evaluate, "MERGE_AT", 12)
+    short = exact_match(lm, tok, rows, max_new_tokens=3)  # 3 × 3 = 9 < 12
+    exact_match(lm, tok, rows, max_new_tokens=4)           # 3 × 4 = 12
+    forced = exact_match(lm, tok, rows, max_new_tokens=3, merge=True)
+    assert seen == [False, True, True]
+    assert [e["prediction"] for e in forced["examples"]] == [e["prediction"] for e in short["examples"]]
+    assert all(not layer.merged for _, layer in lm.lora_layers())
