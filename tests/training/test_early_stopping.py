@@ -4,6 +4,7 @@ adapter kept bit-exactly (also across a resume); explicit lengths are left alone
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -118,7 +119,9 @@ def test_raising_max_steps_extends_a_finished_run_like_an_uninterrupted_longer_o
     assert res.seconds >= first.seconds  # the run's training time, both sessions
     assert "max_steps: 8" in (ext / "run_config.yaml").read_text()
     # shortening below the trained steps is refused in one line; another change still needs --overwrite
-    with pytest.raises(loop.TrainingError, match="past this config's 6 steps"), pytest.warns(UserWarning):
-        train(_cfg(tiny_dir, data_files, ext, "train.max_steps=6", *extra), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before anything else: no "extending the run" note first
+        with pytest.raises(loop.TrainingError, match="trained to step 8, past this config's 6 steps"):
+            train(_cfg(tiny_dir, data_files, ext, "train.max_steps=6", *extra), progress=False)
     with pytest.raises(loop.TrainingError, match="different config"):
         train(_cfg(tiny_dir, data_files, ext, "train.max_steps=8", "train.lr=1e-3", *extra), progress=False)

@@ -40,6 +40,11 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
         return
     changed = config_changes(old, config_text)
     if only_length_changed(old, config_text) and latest_checkpoint(out) is not None:
+        trained = int(latest_checkpoint(out).name.rsplit("-", 1)[1])
+        steps = flat_config(config_text).get("train.max_steps")
+        if isinstance(steps, int) and steps < trained:  # (said before the model loads, and without the note below)
+            raise TrainingError(f"{out} holds a run trained to step {trained}, past this config's {steps} steps; keep "
+                                "its length (or raise it to extend the run), or pass --overwrite to start over")
         warnings.warn(f"extending the run in {out} ({changed}): it continues from {latest_checkpoint(out).name} "
                       "with its learning-rate schedule recomputed for the new length", ConfigWarning, stacklevel=3)
         return
