@@ -190,19 +190,23 @@ class LoraConfig:
         return cls.from_dict(d, source=str(path))
 
 
-_dataclass_init = LoraConfig.__init__
+def _check_keywords(cls: type) -> None:
+    """Wrap ``cls``'s dataclass ``__init__`` so that a misspelt keyword is a ConfigError naming the closest field
+    (it would otherwise surface as Python's bare TypeError with no hint)."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: " + "; ".join(f"unknown key {k!r}{closest(k, names)}"
+                                                            for k in unknown))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked  # type: ignore[method-assign]
 
 
-def _checked_init(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
-    # A misspelt keyword would otherwise surface as Python's bare TypeError with no hint.
-    names = [f.name for f in dataclasses.fields(LoraConfig)]
-    unknown = [k for k in kwargs if k not in names]
-    if unknown:
-        raise ConfigError("LoraConfig: " + "; ".join(f"unknown key {k!r}{closest(k, names)}" for k in unknown))
-    _dataclass_init(self, *args, **kwargs)
-
-
-LoraConfig.__init__ = _checked_init  # type: ignore[method-assign]
+_check_keywords(LoraConfig)
 
 
 @dataclass
@@ -212,18 +216,7 @@ class AdaLoraConfig(LoraConfig):
     use_adalora: bool = True
 
 
-_ada_dataclass_init = AdaLoraConfig.__init__
-
-
-def _ada_checked_init(self: AdaLoraConfig, *args: Any, **kwargs: Any) -> None:
-    names = [f.name for f in dataclasses.fields(AdaLoraConfig)]
-    unknown = [k for k in kwargs if k not in names]
-    if unknown:
-        raise ConfigError("AdaLoraConfig: " + "; ".join(f"unknown key {k!r}{closest(k, names)}" for k in unknown))
-    _ada_dataclass_init(self, *args, **kwargs)
-
-
-AdaLoraConfig.__init__ = _ada_checked_init  # type: ignore[method-assign]
+_check_keywords(AdaLoraConfig)
 
 
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")

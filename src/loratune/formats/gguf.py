@@ -35,6 +35,7 @@ from ..adapters import functional as LF
 from ..adapters.files import read_adapter_config, read_adapter_tensors
 from ..adapters.state import PREFIX
 from ..adapters.targets import pattern_value
+from ..adapters.variants import init_kind
 from ..errors import LoraTuneError
 from ..fsutil import atomic_write
 from ..models import BUNDLED, package_dir
@@ -224,7 +225,7 @@ def adapter_pairs(adapter_dir: str | Path, info: BaseInfo) -> tuple[float, list[
             "DoRA (its magnitude vector)"
         raise ExportError(f"the adapter in {adapter_dir} is {kind}, which a llama.cpp LoRA adapter cannot carry "
                           f"(only pairs A, B); {merged_hint}")
-    if cfg.init_lora_weights in ("pissa", "olora") or str(cfg.init_lora_weights).startswith(("pissa_niter", "loftq")):
+    if init_kind(cfg.init_lora_weights):
         raise ExportError(f"the adapter in {adapter_dir} was initialized with {cfg.init_lora_weights} and applies to "
                           "the residual base its init left, not to the original model llama.cpp loads; save it with "
                           f"save_pretrained(dir, convert_to_lora=True) first, or {merged_hint}")

@@ -34,6 +34,7 @@ from ..adapters.batch import Factors, MixedBatch
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
 from ..adapters.state import PREFIX, module_of
 from ..adapters.targets import pattern_value
+from ..adapters.variants import init_kind
 from ..errors import AdapterFileError, LoraTuneError
 from .chat import chat_files
 from .layers import out_in, wrap_linear_layers
@@ -251,7 +252,7 @@ class AdapterRegistry:
                                param="lora_path")
         variant = ("an AdaLoRA adapter" if getattr(cfg, "use_adalora", False) else "a DoRA adapter" if cfg.use_dora
                    else f"an adapter initialized with init_lora_weights={cfg.init_lora_weights}"
-                   if str(cfg.init_lora_weights).startswith(("pissa", "olora", "loftq")) else None)
+                   if init_kind(cfg.init_lora_weights) else None)
         if variant:  # not ΔW = s·B·A on the base this server holds: merge it, or convert/train a plain LoRA
             raise ServingError(f"adapter '{name}' is {variant}; the server applies plain LoRA (ΔW = s·B·A on "
                                "the original base): serve the merged model (loratune merge), or save PiSSA/OLoRA "
