@@ -39,7 +39,7 @@ from .checkpoints import (
 )
 from .config import RunConfig, dump_run_config
 from .optim import global_batch, lr_lambda, make_optimizer, total_steps
-from .rundir import check_output_dir, claim_output_dir, read_history, write_loss_curve
+from .rundir import check_output_dir, claim_output_dir, past_length, read_history, write_loss_curve
 from .tracking import RunLog, check_trackers
 
 
@@ -210,8 +210,7 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
     if ckpt is not None:
         start = load_checkpoint(ckpt, lm, opt, sched, config_text, adapter=False)
         if start > steps:  # (a config that differs only in its length extends the run: checkpoints.py)
-            raise TrainingError(f"{out} holds a run trained to step {start}, past this config's {steps} steps; "
-                                "keep its length (or raise it to extend the run), or pass --overwrite to start over")
+            raise past_length(out, start, steps)
         if progress:
             print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
                   else f"resuming from {ckpt} (step {start} of {steps})", flush=True)

@@ -43,7 +43,7 @@ from .early_stop import BestKeeper
 from .evaluate import eval_loss, response_loss_sum
 from .lr_search import resolve_lr
 from .optim import eval_every, global_batch, lr_lambda, make_optimizer, total_steps
-from .rundir import check_output_dir, claim_output_dir, read_history, write_loss_curve
+from .rundir import check_output_dir, claim_output_dir, past_length, read_history, write_loss_curve
 from .tracking import RunLog, check_trackers
 
 PROMPT_FILE = PROMPT_NAME  # how prompts were built in training (and the base's own name), for eval/generate/chat
@@ -164,8 +164,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         start = load_checkpoint(ckpt, lm, opt, sched, config_text, adapter=False,
                                 place=distributed.shard_like if fsdp else None, rank=rank)
         if start > steps:
-            raise TrainingError(f"{out} holds a run trained to step {start}, past this config's {steps} steps; "
-                                "keep its length (or raise it to extend the run), or pass --overwrite to start over")
+            raise past_length(out, start, steps)
         if rank == 0:
             print(f"run already complete ({steps} steps); writing its outputs again" if start >= steps
                   else f"resuming from {ckpt} (step {start} of {steps})", flush=True)

@@ -43,8 +43,7 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
         trained = int(latest_checkpoint(out).name.rsplit("-", 1)[1])
         steps = flat_config(config_text).get("train.max_steps")
         if isinstance(steps, int) and steps < trained:  # (said before the model loads, and without the note below)
-            raise TrainingError(f"{out} holds a run trained to step {trained}, past this config's {steps} steps; keep "
-                                "its length (or raise it to extend the run), or pass --overwrite to start over")
+            raise past_length(out, trained, steps)
         warnings.warn(f"extending the run in {out} ({changed}): it continues from {latest_checkpoint(out).name} "
                       "with its learning-rate schedule recomputed for the new length", ConfigWarning, stacklevel=3)
         return
@@ -54,6 +53,12 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
         return
     raise TrainingError(f"{out} holds a run with a different config ({changed}); pass --overwrite to replace it "
                         "or choose another output_dir")
+
+
+def past_length(out: Path, trained: int, steps: int) -> TrainingError:
+    """The refusal of a config shorter than the ``trained`` steps its output_dir's run already has."""
+    return TrainingError(f"{out} holds a run trained to step {trained}, past this config's {steps} steps; keep its "
+                         "length (or raise it to extend the run), or pass --overwrite to start over")
 
 
 def config_changes(old_text: str, new_text: str) -> str:
