@@ -74,6 +74,9 @@ TRAIN = {
     "class_weights": "task classification: null, balanced, or one weight per label",
     "early_stopping_patience": "evaluations without a better eval loss before the run stops (0: never; default 3 "
                                "with epochs auto, else 0)",
+    "early_stopping_threshold": "how far the best eval loss must fall (nats per token, from where it last counted) "
+                                "to count as progress for the patience (default 1e-3 with epochs auto, else 0: any "
+                                "drop)",
     "load_best": "the final adapter is the best evaluation's (default: true with epochs auto, else false)",
 }
 LORA = {

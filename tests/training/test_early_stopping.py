@@ -125,3 +125,47 @@ def test_raising_max_steps_extends_a_finished_run_like_an_uninterrupted_longer_o
             train(_cfg(tiny_dir, data_files, ext, "train.max_steps=6", *extra), progress=False)
     with pytest.raises(loop.TrainingError, match="different config"):
         train(_cfg(tiny_dir, data_files, ext, "train.max_steps=8", "train.lr=1e-3", *extra), progress=False)
+
+
+# --- early_stopping_threshold -----------------------------------------------------------------------------------
+def _keeper(tmp_path, losses, patience=3, threshold=0.0):
+    from loratune.training.early_stop import BestKeeper
+
+    k = BestKeeper(tmp_path, patience, False, [], threshold=threshold)
+    for step, loss in enumerate(losses, 1):
+        if k.update(step, loss, None):
+            return k, step
+    return k, None
+
+
+def test_threshold_stops_a_creeping_loss_but_not_a_steady_fall(tmp_path):
+    creeping = [2e-3, 3e-4, 2e-4, 1.5e-4, 1e-4, 9e-5, 8e-5]  # an easy task: each evaluation a new, tiny best
+    assert _keeper(tmp_path, creeping)[1] is None  # any decrease counts: never stops
+    k, at = _keeper(tmp_path, creeping, threshold=1e-3)
+    assert at == 5 and k.best_loss == 1e-4 and k.best_step == 5  # the best still follows every new low
+    steady = [1.0, 0.9994, 0.9988, 0.9982, 0.9976, 0.997, 0.9964]  # 6e-4 an evaluation: 1e-3 every second one
+    assert _keeper(tmp_path, steady, threshold=1e-3)[1] is None
+    assert _keeper(tmp_path, steady, threshold=2e-3)[1] == 4
+    assert _keeper(tmp_path, [float("nan"), 1.0, 0.5, 0.6, 0.7, 0.8], threshold=1e-3)[1] == 6
+
+
+def test_threshold_defaults_and_bad_values(tiny_dir, data_files, tmp_path):
+    from loratune.errors import ConfigError
+
+    assert _cfg(tiny_dir, data_files, tmp_path).train.threshold == 1e-3  # epochs auto
+    assert _cfg(tiny_dir, data_files, tmp_path, "train.epochs=2").train.threshold == 0.0
+    assert _cfg(tiny_dir, data_files, tmp_path, "train.early_stopping_threshold=0.01").train.threshold == 0.01
+    with pytest.raises(ConfigError, match="early_stopping_threshold must be a finite number ≥ 0"):
+        _cfg(tiny_dir, data_files, tmp_path, "train.early_stopping_threshold=-1")
+    with pytest.raises(ConfigError, match="early_stopping_threshold' must be float"):
+        _cfg(tiny_dir, data_files, tmp_path, "train.early_stopping_threshold=soon")
+
+
+def test_threshold_ends_the_loop_and_says_so(tiny_dir, data_files, tmp_path, monkeypatch, capsys):
+    losses = iter([1.0, 0.9995, 0.999, 0.9985, 0.998, 0.9975])
+    monkeypatch.setattr(loop, "eval_loss", lambda *a: {"loss": next(losses)})
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.max_steps=12", "train.eval_every=2",
+               "train.early_stopping_patience=2", "train.early_stopping_threshold=0.01", "train.load_best=true")
+    res = train(cfg, progress=False)
+    assert res.steps == 6 and res.stopped_early and res.best_step == 6  # no progress at 4 and 6; 6 the lowest
+    assert "did not fall by more than 0.01 in 2 evaluations" in capsys.readouterr().out

@@ -92,7 +92,8 @@ def print_plan(tc, n_train: int, n_eval: int, steps: int, world: int) -> float:
         print("  evaluation: none (no eval rows: no early stopping; give data.eval or data.eval_split)")
     else:
         print(f"  evaluation: on {n_eval} rows " + (f"every {every} steps and " if every else "") + "at the end"
-              + (f"; early stopping after {tc.patience} evaluations without a better eval loss" if tc.patience
+              + (f"; early stopping after {tc.patience} evaluations without the eval loss falling"
+                 + (f" by more than {tc.threshold:g}" if tc.threshold else "") if tc.patience
                  else "") + ("; the best evaluation's adapter is kept" if tc.keep_best else ""))
     return cost
 

@@ -25,12 +25,16 @@ BEST = "best"
 class BestKeeper:
     """Tracks the best eval loss of a run, counts evaluations since, and keeps the best adapter's weights.
 
-    ``patience``: evaluations without a new best before the run stops (0: never); ``keep``: hold the best weights
-    (load_best). ``history``: the records logged so far (a resumed run's).
+    ``patience``: evaluations without progress before the run stops (0: never); progress is the best eval loss
+    falling ``threshold`` below where it stood at the last progress (so a slow but steady fall still counts, and
+    an easy task whose loss creeps from 1e-4 to 9e-5 stops); ``keep``: hold the best weights (load_best), which
+    follow every new best however small. ``history``: the records logged so far (a resumed run's).
     """
 
-    def __init__(self, out: Path, patience: int, keep: bool, history: list[dict], rank: int = 0):
+    def __init__(self, out: Path, patience: int, keep: bool, history: list[dict], rank: int = 0,
+                 threshold: float = 0.0):
         self.dir, self.patience, self.keep, self.rank = out / CHECKPOINTS / BEST, patience, keep, rank
+        self.threshold, self.mark = threshold, math.inf  # mark: the best loss at the last progress
         self.best_step, self.best_loss, self.since = 0, math.inf, 0
         for h in history:
             if "eval_loss" in h:
@@ -41,15 +45,18 @@ class BestKeeper:
 
     def _see(self, step: int, loss: float) -> bool:
         """Count one evaluation; True if it is a new best."""
+        if loss < self.mark - self.threshold:  # (the first finite loss is progress: inf - t = inf)
+            self.mark, self.since = loss, 0
+        else:
+            self.since += 1
         if loss < self.best_loss:
-            self.best_step, self.best_loss, self.since = step, loss, 0
+            self.best_step, self.best_loss = step, loss
             return True
-        self.since += 1
         return False
 
     @property
     def stopped(self) -> bool:
-        """True once ``patience`` evaluations in a row have not improved on the best."""
+        """True once ``patience`` evaluations in a row have made no progress."""
         return self.patience > 0 and self.since >= self.patience
 
     def update(self, step: int, loss: float, lm) -> bool:
@@ -82,5 +89,6 @@ class BestKeeper:
         warnings.warn(f"train.load_best: the adapter of the best evaluation (step {self.best_step}) was not saved "
                       "before the run was interrupted; the best one from here on is kept", ConfigWarning,
                       stacklevel=3)
-        self.best_loss, self.since = math.inf, 0  # (the next evaluation becomes the best: its weights are kept)
+        # (the next evaluation becomes the best: its weights are kept)
+        self.best_loss, self.mark, self.since = math.inf, math.inf, 0
         return None

@@ -176,7 +176,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
                  config=cfg.to_dict())
     history = log.history
     keeper = BestKeeper(out, tc.patience if data.eval else 0, tc.keep_best and bool(data.eval) and not fsdp,
-                        history, rank)
+                        history, rank, tc.threshold)
     end = start if keeper.stopped else steps  # a run that stopped early is complete
     if keeper.stopped and rank == 0:
         print(f"run already complete (stopped early at step {start}); writing its outputs again", flush=True)
@@ -243,7 +243,8 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0, rank, tc.lr)
     stopped_early = end < steps
     if stopped_early and rank == 0:
-        print(f"early stopping at step {end}: no better eval loss in {keeper.patience} evaluations "
+        by = f" by more than {keeper.threshold:g}" if keeper.threshold else ""
+        print(f"early stopping at step {end}: the eval loss did not fall{by} in {keeper.patience} evaluations "
               f"(best {keeper.best_loss:.4f} at step {keeper.best_step})", flush=True)
     best_step = keeper.restore_best(lm)
     if best_step is not None and rank == 0:

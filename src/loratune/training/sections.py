@@ -104,6 +104,7 @@ class TrainConfig:
     report_to: list[str] | str | None = None  # metric trackers: tensorboard, wandb, mlflow (training/tracking.py)
     class_weights: list[float] | str | None = None  # task: classification: "balanced" or one weight per label
     early_stopping_patience: int | None = None  # None: 3 with epochs auto, else 0 (off)
+    early_stopping_threshold: float | None = None  # None: 1e-3 with epochs auto, else 0 (any decrease counts)
     load_best: bool | None = None  # None: true with epochs auto, else false
 
     @property
@@ -121,6 +122,13 @@ class TrainConfig:
         if self.early_stopping_patience is not None:
             return self.early_stopping_patience
         return 3 if self.auto_epochs else 0
+
+    @property
+    def threshold(self) -> float:
+        """How much the best eval loss must fall (nats per token, from where it last did) to count as progress."""
+        if self.early_stopping_threshold is not None:
+            return self.early_stopping_threshold
+        return 1e-3 if self.auto_epochs else 0.0
 
     @property
     def keep_best(self) -> bool:
@@ -162,6 +170,10 @@ class TrainConfig:
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
             p.append(f"train.early_stopping_patience must be ≥ 0 (0 = never stop early), got "
                      f"{self.early_stopping_patience}")
+        t = self.early_stopping_threshold
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            p.append(f"train.early_stopping_threshold must be a finite number ≥ 0 (the eval loss drop that counts as "
+                     f"progress; 0 = any drop), got {t!r}")
         if not 0 <= self.warmup_ratio < 1:  # (NaN fails this too)
             p.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
