@@ -1,6 +1,9 @@
 """Defaults that learn (issue 23): held-out exact match and wall time of the old defaults, the automatic ones and a
-small hand grid, on the quickstart's dates task (also trained with examples/dates.yaml's own settings) and three
-generated tasks of other kinds.
+small hand grid, on the quickstart's dates task (also trained with examples/dates.yaml's own settings) and four
+generated tasks of other kinds: snake_case (a short transformation from camelCase, PascalCase, kebab-case or
+Title Case), sentiment (a one-word answer that turns on negation and "but"), past_tense (a multi-word rewrite with
+irregular verbs and third persons) and codebook (a word-for-word code into invented words, learned only from the
+rows).
 
     python benchmarks/defaults.py --out benchmarks/results/defaults.json > benchmarks/results/defaults.log 2>&1
 
@@ -39,43 +42,87 @@ from loratune.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# --- generated tasks (seeded, small, short rows) --------------------------------------------------------------
-_ADJ = ["big", "red", "quiet", "old", "fast", "green", "small", "happy", "cold", "bright", "dark", "soft"]
-_NOUN = ["fox", "river", "table", "garden", "window", "engine", "letter", "cloud", "bridge", "forest", "coin", "lamp"]
-_POS = ["wonderful", "great", "excellent", "lovely", "delightful", "superb", "pleasant", "fantastic"]
-_NEG = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing", "bad", "unpleasant"]
-_THING = ["The food", "The service", "The movie", "The hotel", "The book", "The concert", "The trip", "The game"]
-_VERBS = {"walk": "walked", "play": "played", "cook": "cooked", "watch": "watched", "clean": "cleaned",
-          "go": "went", "eat": "ate", "see": "saw", "write": "wrote", "buy": "bought", "read": "read",
-          "drive": "drove", "make": "made", "take": "took", "find": "found", "bring": "brought"}
+# --- generated tasks (seeded, short rows, each needing a rule the base model does not follow unprompted) ---------
+_WORDS = ["big", "red", "quiet", "old", "fast", "green", "small", "happy", "cold", "bright", "dark", "soft", "user",
+          "account", "file", "name", "max", "retry", "count", "total", "price", "order", "item", "list", "page",
+          "size", "start", "end", "time", "zone", "load", "cache", "key", "value", "node", "path", "token", "batch"]
+_POS = ["wonderful", "great", "excellent", "lovely", "delightful", "superb", "pleasant", "fantastic", "good"]
+_NEG = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing", "bad", "unpleasant", "boring"]
+_THING = ["the food", "the service", "the movie", "the hotel", "the book", "the concert", "the trip", "the game",
+          "the room", "the staff", "the music", "the ending"]
+# present → past, third person singular (-s) form first
+_VERBS = {"walk": ("walks", "walked"), "play": ("plays", "played"), "cook": ("cooks", "cooked"),
+          "watch": ("watches", "watched"), "clean": ("cleans", "cleaned"), "go": ("goes", "went"),
+          "eat": ("eats", "ate"), "see": ("sees", "saw"), "write": ("writes", "wrote"), "buy": ("buys", "bought"),
+          "read": ("reads", "read"), "drive": ("drives", "drove"), "make": ("makes", "made"),
+          "take": ("takes", "took"), "find": ("finds", "found"), "bring": ("brings", "brought"),
+          "study": ("studies", "studied"), "carry": ("carries", "carried"), "teach": ("teaches", "taught"),
+          "sing": ("sings", "sang"), "leave": ("leaves", "left"), "have": ("has", "had"), "do": ("does", "did"),
+          "catch": ("catches", "caught")}
 _OBJ = {"walk": "to the park", "play": "chess", "cook": "dinner", "watch": "the news", "clean": "the kitchen",
         "go": "to school", "eat": "an apple", "see": "the ocean", "write": "a letter", "buy": "some bread",
         "read": "a book", "drive": "to work", "make": "a cake", "take": "the bus", "find": "the keys",
-        "bring": "a gift"}
-_SUBJ = ["I", "We", "They", "You"]
+        "bring": "a gift", "study": "French", "carry": "the bags", "teach": "math", "sing": "a song",
+        "leave": "early", "have": "lunch", "do": "the dishes", "catch": "the train"}
+_SUBJ = ["I", "We", "They", "You", "He", "She", "My sister", "Our teacher"]
 _WHEN = ["every day", "on Mondays", "in the morning", "at night", "often", "with friends"]
 
 
 def _snake(rng: random.Random) -> tuple[str, str]:
-    words = [rng.choice(_ADJ), rng.choice(_ADJ), rng.choice(_NOUN)]
-    return "Convert to snake_case: " + " ".join(w.capitalize() for w in words), "_".join(words)
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 4))]
+    style = rng.randrange(4)
+    shown = (words[0] + "".join(w.capitalize() for w in words[1:]) if style == 0  # camelCase
+             else "".join(w.capitalize() for w in words) if style == 1  # PascalCase
+             else "-".join(words) if style == 2  # kebab-case
+             else " ".join(w.capitalize() for w in words))  # Title Case
+    return "Convert to snake_case: " + shown, "_".join(words)
 
 
 def _sentiment(rng: random.Random) -> tuple[str, str]:
+    """A review whose label turns on negation and on 'but' (the clause after it decides)."""
+    def clause(label: bool) -> str:
+        negated = rng.random() < 0.4
+        adj = rng.choice(_POS if label != negated else _NEG)
+        return f"{rng.choice(_THING)} was {'not ' if negated else ''}{adj}"
+
     good = rng.random() < 0.5
-    adj = rng.choice(_POS if good else _NEG)
-    text = f"{rng.choice(_THING)} was {adj}" + rng.choice([".", " today.", ", honestly.", " this time."])
-    return f"Sentiment (positive or negative): {text}", "positive" if good else "negative"
+    text = clause(good)
+    if rng.random() < 0.4:  # "A, but B": B has the other label, and decides
+        good = not good
+        text += ", but " + clause(good)
+    return f"Sentiment (positive or negative): {text[0].upper()}{text[1:]}.", "positive" if good else "negative"
 
 
 def _past(rng: random.Random) -> tuple[str, str]:
     verb = rng.choice(list(_VERBS))
     subj, when = rng.choice(_SUBJ), rng.choice(_WHEN)
-    return (f"Rewrite in the past tense: {subj} {verb} {_OBJ[verb]} {when}.",
-            f"{subj} {_VERBS[verb]} {_OBJ[verb]} {when}.")
+    now = _VERBS[verb][0] if subj in ("He", "She", "My sister", "Our teacher") else verb
+    return (f"Rewrite in the past tense: {subj} {now} {_OBJ[verb]} {when}.",
+            f"{subj} {_VERBS[verb][1]} {_OBJ[verb]} {when}.")
+
+
+def _codebook_words() -> dict[str, str]:
+    """Each of _WORDS → an invented word (seeded, distinct): knowledge the base model cannot have."""
+    rng, out = random.Random("codebook"), {}
+    for w in _WORDS:
+        while (code := "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2))
+               + rng.choice("nrsx")) in out.values():
+            pass
+        out[w] = code
+    return out
+
+
+_CODE = _codebook_words()
+
+
+def _codebook(rng: random.Random) -> tuple[str, str]:
+    """A word-for-word code learned only from the rows (each word in about 45 rows of 600): new combinations at test."""
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 4))]
+    return "Translate to Zorbish: " + " ".join(words), " ".join(_CODE[w] for w in words)
 
 
 GENERATED = {"snake_case": (_snake, "Answer with the converted text only."),
+             "codebook": (_codebook, "Answer with the Zorbish words only."),
              "sentiment": (_sentiment, "Answer with one word."),
              "past_tense": (_past, "Answer with the rewritten sentence only.")}
 
@@ -169,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "defaults.json"))
     ap.add_argument("--work", default="/tmp/loratune_defaults")
-    ap.add_argument("--tasks", default="dates,snake_case,sentiment,past_tense")
-    ap.add_argument("--n-train", type=int, default=240)
-    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--tasks", default="dates,snake_case,sentiment,past_tense,codebook")
+    ap.add_argument("--n-train", type=int, default=600)
+    ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--grid", default="5e-4,2e-3", help="hand grid rates (comma-separated)")
     ap.add_argument("--grid-epochs", type=float, default=3)
     ap.add_argument("--rounds", default="0,1,2")
