@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from loratune.adapters import get_lora_model
@@ -79,6 +80,9 @@ def test_auto_run_searches_once_saves_before_training_and_matches_the_explicit_r
     assert (out / "lr_search.png").is_file()
     assert "train.lr: auto" not in (out / "run_config.yaml").read_text()
     assert "lr: auto" in (out / "run_config.yaml").read_text()  # the config is what the user gave
+    written = (out / "run_config.yaml").read_text()  # and says, in a comment, what auto chose
+    assert f"# chosen: train.lr: {saved['lr']:g} (the search: lr_search.json)\n" in written
+    assert yaml.safe_load(written)["train"]["lr"] == "auto"
 
     def no_search(*a, **k):
         raise AssertionError("a resumed run searched again")

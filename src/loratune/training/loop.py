@@ -43,7 +43,7 @@ from .early_stop import BestKeeper
 from .evaluate import eval_loss, response_loss_sum
 from .lr_search import resolve_lr
 from .optim import eval_every, global_batch, lr_lambda, make_optimizer, total_steps
-from .rundir import check_output_dir, claim_output_dir, past_length, read_history, write_loss_curve
+from .rundir import check_output_dir, claim_output_dir, note_choices, past_length, read_history, write_loss_curve
 from .tracking import RunLog, check_trackers
 
 PROMPT_FILE = PROMPT_NAME  # how prompts were built in training (and the base's own name), for eval/generate/chat
@@ -147,6 +147,12 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     if search is not None:  # the run trains with the chosen rate; the config (and run_config.yaml) still says auto
         tc = dataclasses.replace(tc, lr=search.lr)
     every = eval_every(tc, steps) if data.eval else 0
+    chosen = ({"train.lr": f"{tc.lr:g} (the search: lr_search.json)"} if search is not None else {}) | (
+        {"train.epochs": f"{steps} steps ({steps / per_epoch:.3g} epochs)"
+         + (f", an evaluation every {every}" if every else ", no eval rows: no evaluations")}
+        if cfg.train.auto_epochs else {})
+    if chosen and rank == 0:
+        note_choices(out, config_text, chosen)
     start = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:

@@ -18,6 +18,7 @@ from .checkpoints import (
     remove_stale_temps,
 )
 
+CHOSEN = "# chosen: "  # run_config.yaml's trailing comments: what `auto` chose (YAML readers skip them)
 OUTPUTS = ("adapter", "merged", "metrics.jsonl", "loss_curve.png", "data_report.txt", "lr_search.json",
            "lr_search.png")  # what a run writes
 
@@ -35,7 +36,7 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     if foreign:  # never written by a run (no run_config.yaml): loratune must not replace or delete them
         raise TrainingError(f"output_dir {out} holds {', '.join(foreign)} but no run_config.yaml, so it is not a "
                             "loratune run's directory; choose another output_dir (nothing was changed)")
-    old = saved.read_text() if saved.is_file() and not overwrite else config_text
+    old = saved_config(saved) if saved.is_file() and not overwrite else config_text
     if old == config_text:
         return
     changed = config_changes(old, config_text)
@@ -74,8 +75,8 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     run's outputs go first (only what a run writes: other files in ``out`` are left alone); what a killed write
     left behind goes in any case."""
     saved = out / "run_config.yaml"
-    replaced = overwrite or (saved.is_file() and saved.read_text() != config_text
-                             and not (only_length_changed(saved.read_text(), config_text) and latest_checkpoint(out)))
+    replaced = overwrite or (saved.is_file() and saved_config(saved) != config_text
+                             and not (only_length_changed(saved_config(saved), config_text) and latest_checkpoint(out)))
     if saved.is_file() and replaced:  # replacing a run: its outputs go
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         for name in OUTPUTS:
@@ -86,6 +87,18 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
         warnings.warn(f"removed {stale.name}, left in {stale.parent} by an interrupted write", ConfigWarning,
                       stacklevel=3)
     write_text(out / "run_config.yaml", config_text)
+
+
+def saved_config(path: Path) -> str:
+    """A run's ``run_config.yaml`` as the run dumped it: without the comments that say what ``auto`` chose."""
+    return "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith(CHOSEN))
+
+
+def note_choices(out: Path, config_text: str, choices: dict[str, object]) -> None:
+    """Write ``run_config.yaml`` again with what ``auto`` chose (``{"train.lr": 0.0015}``) as trailing comments:
+    the config still says ``auto`` (what the user asked for, and what a resumed run is compared with), and the
+    comments say what that meant for this run."""
+    write_text(out / "run_config.yaml", config_text + "".join(f"{CHOSEN}{k}: {v}\n" for k, v in choices.items()))
 
 
 def read_history(log_path: Path, upto: int) -> list[dict]:
