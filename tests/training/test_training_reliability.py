@@ -33,6 +33,7 @@ def _cfg(tiny_dir, data_files, out, *extra):
     ("train.warmup_ratio=.nan", "train.warmup_ratio must be in [0, 1)"),
     ("train.loraplus_lr_ratio=-16", "train.loraplus_lr_ratio must be a finite number > 0"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be ≥ 1"),
+    ("train.early_stopping_threshold=.nan", "train.early_stopping_threshold must be a finite number ≥ 0"),
     ("lora.alpha=.nan", "lora.alpha must be a positive number"),
 ])
 def test_out_of_range_values_are_refused(data_files, override, words):
@@ -68,6 +69,29 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dir, data_files, tmp
         res = train(cfg, progress=False)
     assert [h["step"] for h in res.history] == [1, 2, 3, 4]
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_run_from_before_a_new_null_key_resumes_but_a_real_change_is_refused(tiny_dir, data_files, tmp_path,
+                                                                               capsys):
+    cfg = _cfg(tiny_dir, data_files, tmp_path, "train.save_every=1")
+    train(cfg, progress=False, stop_after=2)
+
+    def older(text: str) -> str:  # the config as a loratune without train.early_stopping_threshold wrote it
+        assert "  early_stopping_threshold: null\n" in text
+        return text.replace("  early_stopping_threshold: null\n", "")
+
+    saved = tmp_path / "run_config.yaml"
+    saved.write_text(older(saved.read_text()))
+    for state in tmp_path.glob("checkpoints/step-*/trainer_state.json"):
+        s = json.loads(state.read_text())
+        state.write_text(json.dumps({**s, "config": older(s["config"])}))
+    capsys.readouterr()
+    res = train(cfg, progress=False)  # the same run: resumed from step 2, not refused, not started over
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4] and res.steps == 4
+    assert "(step 2 of 4)" in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="different config"):
+        train(_cfg(tiny_dir, data_files, tmp_path, "train.save_every=1", "train.early_stopping_threshold=0.5"),
+              progress=False)
 
 
 def test_a_damaged_middle_metrics_line_is_named(tiny_dir, data_files, tmp_path):

@@ -110,6 +110,15 @@ def flat_config(text: str) -> dict:
     return dict(flat(yaml.safe_load(text)))
 
 
+def same_config(old_text: str, new_text: str) -> bool:
+    """True when two dumped run configs mean the same run: the same text, or the same values key by key, a key one
+    of them lacks counting as null (a config written before a key with a null default existed is the same run)."""
+    if old_text == new_text:
+        return True
+    old, new = flat_config(old_text), flat_config(new_text)
+    return all(old.get(k) == new.get(k) for k in old.keys() | new.keys())
+
+
 def only_length_changed(old_text: str, new_text: str) -> bool:
     """True when two dumped run configs differ, and only in the run's length (train.max_steps, train.epochs): the
     new config extends the old run, which continues from its last checkpoint with its schedule recomputed."""
@@ -122,7 +131,7 @@ def check_checkpoint(ckpt: Path, config_text: str) -> dict:
     """``ckpt``'s trainer state, refused (TrainingError) if it was made with another config (one that differs only
     in the run's length is this run, extended)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state["config"] != config_text and not only_length_changed(state["config"], config_text):
+    if not same_config(state["config"], config_text) and not only_length_changed(state["config"], config_text):
         raise TrainingError(f"checkpoint {ckpt} was made with a different config; run with --overwrite to "
                             "start over, or restore the config it was made with")
     return state

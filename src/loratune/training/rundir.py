@@ -16,6 +16,7 @@ from .checkpoints import (
     latest_checkpoint,
     only_length_changed,
     remove_stale_temps,
+    same_config,
 )
 
 CHOSEN = "# chosen: "  # run_config.yaml's trailing comments: what `auto` chose (YAML readers skip them)
@@ -37,7 +38,7 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
         raise TrainingError(f"output_dir {out} holds {', '.join(foreign)} but no run_config.yaml, so it is not a "
                             "loratune run's directory; choose another output_dir (nothing was changed)")
     old = saved_config(saved) if saved.is_file() and not overwrite else config_text
-    if old == config_text:
+    if same_config(old, config_text):
         return
     changed = config_changes(old, config_text)
     if only_length_changed(old, config_text) and latest_checkpoint(out) is not None:
@@ -75,7 +76,7 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     run's outputs go first (only what a run writes: other files in ``out`` are left alone); what a killed write
     left behind goes in any case."""
     saved = out / "run_config.yaml"
-    replaced = overwrite or (saved.is_file() and saved_config(saved) != config_text
+    replaced = overwrite or (saved.is_file() and not same_config(saved_config(saved), config_text)
                              and not (only_length_changed(saved_config(saved), config_text) and latest_checkpoint(out)))
     if saved.is_file() and replaced:  # replacing a run: its outputs go
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
