@@ -124,3 +124,25 @@ def test_runlog_lines_name_step_loss_lr_speed_and_eta(tmp_path, capsys):
     assert [line.split()[1] for line in lines] == [f"{s}/40" for s in range(2, 41, 2)]
     assert lines[-1].startswith("step 40/40  loss 0.0250  lr 1.00e-03  100 tok/s  eta ")
     assert len(_jsonl(tmp_path)) == 40
+
+
+def test_every_evaluation_gets_a_line_between_the_intervals(tmp_path, capsys):
+    log = RunLog(tmp_path, [], start=0, steps=40, progress=False)
+    for step in range(1, 41):
+        log.step({"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0,
+                  **({"eval_loss": step / 100} if step % 7 == 0 else {})})
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    shown = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert shown == sorted({*range(2, 41, 2), 7, 21, 35})  # the evaluations at odd steps too
+    assert "eval_loss 0.2100" in lines[shown.index(21)] and "eval_loss" not in lines[shown.index(22)]
+
+
+def test_the_bar_keeps_the_latest_eval_loss(tmp_path):
+    log = RunLog(tmp_path, [], start=0, steps=10, progress=True)
+    log.step({"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0})
+    assert "eval_loss" not in log.bar.postfix
+    log.step({"step": 2, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0, "eval_loss": 0.5})
+    log.step({"step": 3, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0})
+    assert "eval_loss=0.5000 (step 2)" in log.bar.postfix
+    log.close()

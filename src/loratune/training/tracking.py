@@ -45,6 +45,7 @@ class RunLog:
         self.start, self.steps, self.rank = start, steps, rank
         self.progress = progress
         self.every = log_interval(steps)
+        self.last_eval = ""  # the latest evaluation, kept in the bar's postfix
         self.t0 = time.time()
         self.trackers: list[_Tracker] = []
         if rank != 0:
@@ -64,11 +65,14 @@ class RunLog:
         for t in self.trackers:
             t.scalars({f"train/{k}": v for k, v in record.items() if k in SCALARS}, record["step"])
         step = record["step"]
+        if "eval_loss" in record:
+            self.last_eval = f"{record['eval_loss']:.4f} (step {step})"
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                                 tok_s=f"{record['tokens_per_s']:.0f}",
+                                 **({"eval_loss": self.last_eval} if self.last_eval else {}))
             self.bar.update(1)
-        elif step % self.every == 0 or step == self.steps:
+        elif step % self.every == 0 or step == self.steps or "eval_loss" in record:  # (every evaluation is shown)
             print(self.line(record), flush=True)
 
     def line(self, record: dict) -> str:
