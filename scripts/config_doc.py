@@ -35,7 +35,7 @@ DATA = {
     "train": "the training file: .jsonl, .json, .csv or .parquet (required)",
     "eval": "a held-out file for eval loss and exact match",
     "eval_split": "without `eval`, this share of the cleaned train rows is held out (by the seed); auto (the "
-                  "default): 10 %, at least 32, at most 500, none below 100 rows",
+                  "default): 10 %, at least 32, at most 500 and a fifth of the rows, none below 100 rows",
     "format": "auto (detected from the columns) or prompt_completion, alpaca, messages, sharegpt, text",
     "max_seq_len": "longest row in tokens (cut to the model's positions, with a note)",
     "packing": "pack several short rows into one sequence (attention kept within each row)",

@@ -108,6 +108,9 @@ def test_quickstart_runs_end_to_end_on_a_small_scale(tmp_path, capsys):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "loss_curve.png").is_file()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.num_hidden_layers == 30
+    # its adapter names a base that PEFT resolves offline (the bundled model's HF copy), as `loratune train`'s do
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded).is_absolute() and (Path(recorded) / "config.json").is_file()
 
 
 # ---------------------------------------------------------------- model directories and files that cannot load

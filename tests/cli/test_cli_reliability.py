@@ -113,6 +113,7 @@ BATTERY = [
     (["train", "{cfg}", "lora.rank_pattern={{'q_proj(': 2}}"], ["not a valid regular expression"]),
     (["train", "{cfg}", "lora.modules_to_save=[foo_head]"], ["matched no module"]),
     (["train", "{cfg}", "output_dir={tmp}/afile"], ["is a file"]),
+    (["train", "{cfg}", "output_dir={tmp}/afile", "--dry-run"], ["is a file"]),
     (["train", "{cfg}", "output_dir=/proc/loratune"], ["cannot be written"]),
     (["train", "{cfg}", "data.chat_template={tmp}/none.jinja"], ["neither a Jinja template"]),
     (["merge", "--adapter", "{tmp}/afile", "--out", "{tmp}/m"], ["is a file"]),
@@ -134,3 +135,17 @@ def test_bad_input_battery(capsys, tmp_path, tiny_dir, data_files, argv, words):
     _fails(capsys, argv, *words)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # every user file intact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # and no temp left behind
+
+
+def test_ctrl_c_during_train_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    import loratune.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_command", lambda name: interrupted)
+    (tmp_path / "run.yaml").write_text("{}\n")
+    assert main(["train", str(tmp_path / "run.yaml")]) == 130
+    assert "interrupted (the same command resumes from the last checkpoint" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -35,3 +35,20 @@ def test_parser_and_build(tiny_dir, tmp_path):
         _parse(["serve", "--adapter", "no-equals-sign"])
     with pytest.raises(LoraTuneError, match="not a directory"):
         build_server(_parse(["serve", "--model", str(tiny_dir), "--adapters", str(tmp_path / "missing")]))
+
+
+def test_an_adapter_root_without_adapters_is_noted_and_served(tiny_dir, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from loratune.cli.serve import cmd_serve
+
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
+    (tmp_path / "empty").mkdir()
+    assert cmd_serve(_parse(["serve", "--model", str(tiny_dir), "--adapters", str(tmp_path / "empty")])) == 0
+    out = capsys.readouterr()
+    assert ran and "with 0 adapter(s)" in out.out
+    assert "note: no adapter under" in out.err and "/v1/load_lora_adapter" in out.err
+    root = make_adapters(tiny_dir, tmp_path / "a", names=("alpha",))
+    assert cmd_serve(_parse(["serve", "--model", str(tiny_dir), "--adapters", str(root)])) == 0
+    assert "note" not in capsys.readouterr().err

@@ -4,6 +4,7 @@ scikit-learn, the weighted loss against torch's, grad_accum, resume, PEFT intero
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from loratune.adapters import LoraModel
 from loratune.data.intents import intent_rows, make_intent_task
 from loratune.data.labels import LabelSet, read_labelled
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, ConfigWarning
 from loratune.training.checkpoints import TrainingError
 from loratune.training.class_metrics import confusion_table, scores
 from loratune.training.classify import check_encoder, load_classifier, predict_logits, train_classifier, weighted_loss
@@ -188,3 +189,12 @@ def test_a_longer_config_extends_the_run_and_a_shorter_one_is_refused(bert_dir, 
     assert res.history[-1]["time_s"] >= res.history[1]["time_s"] > 0
     with pytest.raises(TrainingError, match="trained to step 4, past this config's 3 steps"):
         train_classifier(_cfg(bert_dir, intents, tmp_path, "train.max_steps=3"), progress=False)
+
+
+def test_a_run_without_eval_rows_says_so_and_how_to_get_them(bert_dir, intents, tmp_path):
+    cfg = _cfg(bert_dir, intents, tmp_path, "data.eval=null", "train.max_steps=1")
+    with pytest.warns(ConfigWarning, match=r"no eval rows.*data.eval_split=0.1"):
+        train_classifier(cfg, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)  # with eval rows: no note
+        train_classifier(_cfg(bert_dir, intents, tmp_path / "b", "train.max_steps=1"), progress=False)

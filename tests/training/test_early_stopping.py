@@ -65,7 +65,7 @@ def test_early_stopping_stops_and_keeps_the_best_adapter_bit_exactly(tiny_dir, d
     res = train(cfg, progress=False)
     assert res.steps == 8 and res.stopped_early and res.best_step == 4  # evaluations at 2, 4, 6, 8
     assert [h["eval_loss"] for h in res.history if "eval_loss" in h] == SCRIPT[:4]
-    assert "early stopping at step 8" in capsys.readouterr().out
+    assert "early stopping at step 8: no new best eval loss over the last 2 evaluations" in capsys.readouterr().out
     final, best = _weights(tmp_path / "adapter"), _weights(tmp_path / "checkpoints" / "step-0000004" / "adapter")
     last = _weights(tmp_path / "checkpoints" / "step-0000008" / "adapter")
     assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
@@ -168,4 +168,4 @@ def test_threshold_ends_the_loop_and_says_so(tiny_dir, data_files, tmp_path, mon
                "train.early_stopping_patience=2", "train.early_stopping_threshold=0.01", "train.load_best=true")
     res = train(cfg, progress=False)
     assert res.steps == 6 and res.stopped_early and res.best_step == 6  # no progress at 4 and 6; 6 the lowest
-    assert "did not fall by more than 0.01 in 2 evaluations" in capsys.readouterr().out
+    assert "fell by no more than 0.01 over the last 2 evaluations" in capsys.readouterr().out

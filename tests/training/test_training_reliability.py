@@ -94,6 +94,13 @@ def test_a_run_from_before_a_new_null_key_resumes_but_a_real_change_is_refused(t
               progress=False)
 
 
+def test_a_lora_default_given_is_the_same_run_and_a_change_reads_old_to_new(tiny_dir, data_files, tmp_path):
+    train(_cfg(tiny_dir, data_files, tmp_path), progress=False)  # lora alpha and dropout not given: 32, 0.05
+    train(_cfg(tiny_dir, data_files, tmp_path, "lora.alpha=32", "lora.lora_dropout=0.05"), progress=False)  # same
+    with pytest.raises(TrainingError, match=r"lora.r: 4 -> 8"):
+        train(_cfg(tiny_dir, data_files, tmp_path, "lora.r=8"), progress=False)
+
+
 def test_a_damaged_middle_metrics_line_is_named(tiny_dir, data_files, tmp_path):
     cfg = _cfg(tiny_dir, data_files, tmp_path, "train.save_every=1")
     train(cfg, progress=False, stop_after=2)

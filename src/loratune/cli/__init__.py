@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the main job: fine-tune the bundled model on ISO dates",
                        description="Generate the dates task, measure the base model, fine-tune, measure again, "
                                    "merge. Writes adapter, merged model and loss curve.")
-    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--out", default="runs/quickstart", help="a new or empty directory, or an earlier quickstart's "
+                   "(default: runs/quickstart)")
     q.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=40")
     q.add_argument("--no-progress", action="store_true")
     _device_args(q, dtype_default=None)
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loratune {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted" + (" (the same command resumes from the last checkpoint, if train.save_every "
+                                   "wrote one; otherwise it starts over)" if args.command == "train" else ""),
+                  file=sys.stderr)
             return 130
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from ..errors import LoraTuneError
@@ -109,5 +110,9 @@ def cmd_serve(args) -> int:
     server = build_server(args)
     print(f"loratune serve: {server.base_id} with {len(server.registry.names())} adapter(s) on "
           f"http://{args.host}:{args.port}/v1")
+    if args.adapters and not server.registry.names():  # (said, not refused: adapters may be loaded at run time)
+        print(f"note: no adapter under {args.adapters} (an adapter is a subfolder with adapter_config.json and "
+              "adapter_model.safetensors); requests can name the base, or load one with POST "
+              "/v1/load_lora_adapter", file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0

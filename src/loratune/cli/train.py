@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .. import devices, settings
 from ..adapters import get_lora_model
@@ -14,6 +15,7 @@ from ..training.evaluate import response_loss_sum
 from ..training.loop import fit_to_model, train
 from ..training.lr_search import EVAL_COST, GRID, SHARE, plan_search
 from ..training.optim import AUTO_MAX_ROWS, AUTO_MIN_ROWS, AUTO_PASSES, eval_every, total_steps
+from ..training.rundir import check_output_dir
 from .output import print_summary
 
 
@@ -24,15 +26,16 @@ def cmd_train(args) -> int:
 
         return cmd_train_classifier(cfg, args)
     if args.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, args.overwrite)
     result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     if result.rank == 0:  # under torchrun, one summary, not one per process
         print_summary(result.history, result.seconds, result.adapter_dir)
     return 0
 
 
-def dry_run(cfg) -> int:
+def dry_run(cfg, overwrite: bool = False) -> int:
     print("# resolved config\n" + dump_run_config(cfg))
+    check_output_dir(Path(cfg.output_dir), dump_run_config(cfg), overwrite)  # (read-only) what the run would refuse
     device = devices.resolve_device(cfg.train.device, key="train.device")
     dtype = devices.resolve_dtype(cfg.model.dtype, device, key="model.dtype")
     print(f"# runs on {device} in {str(dtype).removeprefix('torch.')} (train.device={cfg.train.device}, "

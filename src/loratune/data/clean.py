@@ -20,7 +20,7 @@ def detect_format(rows: list[dict[str, Any]]) -> str:
         if set(REQUIRED[fmt]) <= keys:
             return fmt
     raise DataError(f"cannot detect the data format from keys {sorted(keys)}; rows need prompt/completion, "
-                    "instruction/output, messages, conversations or text, or set data.format")
+                    "instruction/output, messages, conversations or text, or set data.format (loratune eval: --format)")
 
 
 def _convert(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]] | None, str]:

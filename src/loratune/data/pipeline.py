@@ -87,7 +87,8 @@ def prepare(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
         if k:
             train, evals = split_rows(train, k / len(train), seed)
             report.append(Step(f"eval: rows held out of train (eval_split=auto: no eval file, 10 % held out, "
-                               f"at least {AUTO_MIN}, seed={seed})", len(evals)))
+                               f"at least {AUTO_MIN}, at most {AUTO_MAX} and a fifth of the rows, seed={seed})",
+                               len(evals)))
         else:
             report.append(Step(f"eval: none held out (eval_split=auto: no eval file, and fewer than {AUTO_FEWEST} "
                                "cleaned rows: all of them train; give data.eval for an eval loss)", 0))

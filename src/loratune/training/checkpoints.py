@@ -14,6 +14,7 @@ import yaml
 from ..adapters.files import load_adapter_weights
 from ..errors import AdapterFileError, LoraTuneError
 from ..fsutil import atomic_dir, read_tensors, save_json, save_tensors
+from .config import LORA_SHORT, lora_defaults
 
 CHECKPOINTS = "checkpoints"
 
@@ -99,7 +100,8 @@ LENGTH_KEYS = ("train.max_steps", "train.epochs")  # a run that differs only her
 
 
 def flat_config(text: str) -> dict:
-    """A dumped run config as ``{"train.lr": 0.001, ...}``."""
+    """A dumped run config as ``{"train.lr": 0.001, ...}``, every LoRA setting spelled out (so that ``lora.r=16``
+    given is the default it equals, and a change reads ``16 -> 8``)."""
     def flat(d, prefix=""):
         for k, v in (d or {}).items():
             if isinstance(v, dict):
@@ -107,7 +109,10 @@ def flat_config(text: str) -> dict:
             else:
                 yield f"{prefix}{k}", v
 
-    return dict(flat(yaml.safe_load(text)))
+    d = dict(flat(yaml.safe_load(text)))
+    for k in [k for k in d if k.startswith("lora.")]:  # lora.alpha is lora.lora_alpha; a key not given, its default
+        d[f"lora.{LORA_SHORT.get(k[5:], k[5:])}"] = d.pop(k)
+    return d | {f"lora.{k}": v for k, v in lora_defaults().items() if f"lora.{k}" not in d}
 
 
 def same_config(old_text: str, new_text: str) -> bool:

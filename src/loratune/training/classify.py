@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from .. import devices, settings
 from ..adapters import LoraModel, get_lora_model
 from ..adapters.files import PROMPT_NAME, load_adapter_weights
 from ..data.labels import LabelledData, LabelledRow, LabelSet, balanced_weights, prepare_labelled
-from ..errors import ConfigError, LoraTuneError
+from ..errors import ConfigError, ConfigWarning, LoraTuneError
 from ..fsutil import atomic_dir, save_json, write_text
 from ..models import BUNDLED, base_reference, load_base_model, resolve_model_path
 from .checkpoints import (
@@ -178,6 +179,9 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
     check_trackers(tc.report_to)
     data = prepare_labelled(cfg.data, seed=tc.seed)
     weights = class_weights(tc.class_weights, data.train_ids, data.labels)
+    if not data.eval:  # (classification keeps eval_split 0: its defaults predate data.eval_split auto)
+        warnings.warn("task classification: no eval rows, so no held-out accuracy or eval loss; give data.eval, "
+                      "or data.eval_split=0.1 to hold out a tenth of the rows", ConfigWarning, stacklevel=2)
     if progress:
         print("data\n  " + "\n  ".join(data.report), flush=True)
     torch.manual_seed(tc.seed)  # the fresh head's initial weights
@@ -189,7 +193,7 @@ def train_classifier(cfg: RunConfig, overwrite: bool = False, progress: bool = T
     torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
     lcfg = cfg.lora_config()
     if not lcfg.base_model_name_or_path:  # a path PEFT's AutoPeftModel resolves (the bundled model's own folder)
-        lcfg.base_model_name_or_path = cfg.model.name if model_and_tokenizer else base_reference(cfg.model.name)
+        lcfg.base_model_name_or_path = base_reference(cfg.model.name)
     lm = get_lora_model(model, lcfg)
     claim_output_dir(out, config_text, overwrite)  # only now: model, data and adapter config are known to work
     write_text(out / "data_report.txt", "".join(line + "\n" for line in data.report))

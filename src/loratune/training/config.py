@@ -36,6 +36,12 @@ __all__ = ["ModelConfig", "RunConfig", "TrainConfig", "build_run_config", "dump_
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 LORA_SHORT = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
+
+def lora_defaults() -> dict[str, Any]:
+    """What a ``lora`` key means when the config does not give it (LoraConfig's defaults, then a run's own)."""
+    return {**{f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING},
+            **LORA_DEFAULTS}
+
 _EXAMPLES = {"train.epochs": 1, "train.max_steps": 100, "train.loraplus_lr_ratio": 16,
              "data.train": "data/train.jsonl", "data.eval": "data/eval.jsonl",
              "data.system_prompt": "Answer briefly.", "data.chat_template": "path/to/template.jinja"}

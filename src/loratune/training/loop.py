@@ -81,8 +81,8 @@ def require_causal_lm(model, name: str) -> None:
     """loratune trains and generates with causal LMs; say so plainly for anything else (e.g. a BERT classifier)."""
     if not model.can_generate():
         raise LoraTuneError(f"model '{name}' is a {type(model).__name__}, not a causal language model; train, "
-                            "eval, generate and chat need one (e.g. model=smollm2-135m-instruct). Classifiers are "
-                            "fine-tuned through the Python API (LoraConfig(task_type='SEQ_CLS'))")
+                            "eval, generate and chat need one (e.g. model=smollm2-135m-instruct); an encoder is "
+                            "trained as a classifier with task: classification in the config (docs/classification.md)")
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     torch.manual_seed(tc.seed)  # adapter init does not depend on what loading consumed
     lcfg = cfg.lora_config()
     if not lcfg.base_model_name_or_path:  # a path PEFT's AutoPeftModel resolves (the bundled model's HF copy)
-        lcfg.base_model_name_or_path = cfg.model.name if model_and_tokenizer else base_reference(cfg.model.name)
+        lcfg.base_model_name_or_path = base_reference(cfg.model.name)  # (a model given in memory too: quickstart)
     lm = get_lora_model(model, lcfg)
     # Only now, with model, data and adapter config known to work, does the run take the output dir: a run that
     # fails validation leaves nothing behind that would block the corrected command.
@@ -249,9 +249,10 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
         return RunResult(lm, tok, data, out / "adapter", history, step, time.time() - t0, rank, tc.lr)
     stopped_early = end < steps
     if stopped_early and rank == 0:
-        by = f" by more than {keeper.threshold:g}" if keeper.threshold else ""
-        print(f"early stopping at step {end}: the eval loss did not fall{by} in {keeper.patience} evaluations "
-              f"(best {keeper.best_loss:.4f} at step {keeper.best_step})", flush=True)
+        why = (f"the eval loss fell by no more than {keeper.threshold:g}" if keeper.threshold
+               else "no new best eval loss") + f" over the last {keeper.patience} evaluations"
+        print(f"early stopping at step {end}: {why} (best {keeper.best_loss:.4f} at step {keeper.best_step})",
+              flush=True)
     best_step = keeper.restore_best(lm)
     if best_step is not None and rank == 0:
         print(f"final adapter: the best evaluation's, step {best_step} (train.load_best)", flush=True)
