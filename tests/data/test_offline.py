@@ -24,9 +24,19 @@ def offline(monkeypatch):
         attempts.append(f"{what}{args[:2]!r}")
         raise OSError(f"the network is off in this test ({what})")
 
-    monkeypatch.setattr(socket.socket, "connect", lambda self, address: refuse("connect", address))
-    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: refuse("connect_ex", address))
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse("create_connection", *a))
+    def loopback(address) -> bool:
+        """This machine's own sockets (a Unix path, 127.0.0.1, ::1): local IPC, such as a tracker's service that
+        an earlier test left running, not the network."""
+        host = address if isinstance(address, (str, bytes)) else address[0]
+        return isinstance(address, (str, bytes)) or host in ("127.0.0.1", "::1", "localhost")
+
+    connect, connect_ex, create = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: connect(self, address) if loopback(address)
+                        else refuse("connect", address))
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: connect_ex(self, address)
+                        if loopback(address) else refuse("connect_ex", address))
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: create(address, *a, **k)
+                        if loopback(address) else refuse("create_connection", address))
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: refuse("getaddrinfo", *a))
     yield attempts
     assert not attempts, f"something tried the network: {attempts}"
