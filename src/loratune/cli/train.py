@@ -34,8 +34,9 @@ def cmd_train(args) -> int:
 
 
 def dry_run(cfg, overwrite: bool = False) -> int:
-    print("# resolved config\n" + dump_run_config(cfg))
-    check_output_dir(Path(cfg.output_dir), dump_run_config(cfg), overwrite)  # (read-only) what the run would refuse
+    config_text = dump_run_config(cfg)
+    print("# resolved config\n" + config_text)
+    check_output_dir(Path(cfg.output_dir), config_text, overwrite)  # (read-only) what the run would refuse
     device = devices.resolve_device(cfg.train.device, key="train.device")
     dtype = devices.resolve_dtype(cfg.model.dtype, device, key="model.dtype")
     print(f"# runs on {device} in {str(dtype).removeprefix('torch.')} (train.device={cfg.train.device}, "

@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -115,28 +116,28 @@ def flat_config(text: str) -> dict:
     return d | {f"lora.{k}": v for k, v in lora_defaults().items() if f"lora.{k}" not in d}
 
 
-def same_config(old_text: str, new_text: str) -> bool:
-    """True when two dumped run configs mean the same run: the same text, or the same values key by key, a key one
-    of them lacks counting as null (a config written before a key with a null default existed is the same run)."""
+def config_diff(old_text: str, new_text: str) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for the keys whose values differ between two dumped run configs, sorted by key; empty
+    when they mean the same run (a key one of them lacks counts as null: a config written before a key with a null
+    default existed is the same run)."""
     if old_text == new_text:
-        return True
+        return {}
     old, new = flat_config(old_text), flat_config(new_text)
-    return all(old.get(k) == new.get(k) for k in old.keys() | new.keys())
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def only_length_changed(old_text: str, new_text: str) -> bool:
-    """True when two dumped run configs differ, and only in the run's length (train.max_steps, train.epochs): the
+def length_only(diff: dict[str, tuple[Any, Any]]) -> bool:
+    """True when a ``config_diff`` is non-empty and only in the run's length (train.max_steps, train.epochs): the
     new config extends the old run, which continues from its last checkpoint with its schedule recomputed."""
-    old, new = flat_config(old_text), flat_config(new_text)
-    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
-    return bool(changed) and changed <= set(LENGTH_KEYS)
+    return bool(diff) and diff.keys() <= set(LENGTH_KEYS)
 
 
 def check_checkpoint(ckpt: Path, config_text: str) -> dict:
     """``ckpt``'s trainer state, refused (TrainingError) if it was made with another config (one that differs only
     in the run's length is this run, extended)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if not same_config(state["config"], config_text) and not only_length_changed(state["config"], config_text):
+    diff = config_diff(state["config"], config_text)
+    if diff and not length_only(diff):
         raise TrainingError(f"checkpoint {ckpt} was made with a different config; run with --overwrite to "
                             "start over, or restore the config it was made with")
     return state

@@ -147,10 +147,12 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     if search is not None:  # the run trains with the chosen rate; the config (and run_config.yaml) still says auto
         tc = dataclasses.replace(tc, lr=search.lr)
     every = eval_every(tc, steps) if data.eval else 0
-    chosen = ({"train.lr": f"{tc.lr:g} (the search: lr_search.json)"} if search is not None else {}) | (
-        {"train.epochs": f"{steps} steps ({steps / per_epoch:.3g} epochs)"
-         + (f", an evaluation every {every}" if every else ", no eval rows: no evaluations")}
-        if cfg.train.auto_epochs else {})
+    chosen = {}  # what auto chose, said in run_config.yaml
+    if search is not None:
+        chosen["train.lr"] = f"{tc.lr:g} (the search: lr_search.json)"
+    if tc.auto_epochs:
+        chosen["train.epochs"] = f"{steps} steps ({steps / per_epoch:.3g} epochs)" + (
+            f", an evaluation every {every}" if every else ", no eval rows: no evaluations")
     if chosen and rank == 0:
         note_choices(out, config_text, chosen)
     start = 0

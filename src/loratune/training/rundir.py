@@ -12,11 +12,11 @@ from ..fsutil import writable_place, write_text
 from .checkpoints import (
     CHECKPOINTS,
     TrainingError,
+    config_diff,
     flat_config,
     latest_checkpoint,
-    only_length_changed,
+    length_only,
     remove_stale_temps,
-    same_config,
 )
 
 CHOSEN = "# chosen: "  # run_config.yaml's trailing comments: what `auto` chose (YAML readers skip them)
@@ -37,11 +37,11 @@ def check_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     if foreign:  # never written by a run (no run_config.yaml): loratune must not replace or delete them
         raise TrainingError(f"output_dir {out} holds {', '.join(foreign)} but no run_config.yaml, so it is not a "
                             "loratune run's directory; choose another output_dir (nothing was changed)")
-    old = saved_config(saved) if saved.is_file() and not overwrite else config_text
-    if same_config(old, config_text):
+    diff = config_diff(saved_config(saved), config_text) if saved.is_file() and not overwrite else {}
+    if not diff:
         return
-    changed = config_changes(old, config_text)
-    if only_length_changed(old, config_text) and latest_checkpoint(out) is not None:
+    changed = config_changes(diff)
+    if length_only(diff) and latest_checkpoint(out) is not None:
         trained = int(latest_checkpoint(out).name.rsplit("-", 1)[1])
         steps = flat_config(config_text).get("train.max_steps")
         if isinstance(steps, int) and steps < trained:  # (said before the model loads, and without the note below)
@@ -63,12 +63,10 @@ def past_length(out: Path, trained: int, steps: int) -> TrainingError:
                          "length (or raise it to extend the run), or pass --overwrite to start over")
 
 
-def config_changes(old_text: str, new_text: str) -> str:
-    """'train.lr: 0.001 -> 0.0002, ...' for the keys that differ between two dumped run configs."""
-    old, new = flat_config(old_text), flat_config(new_text)
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k)]
-    return ", ".join(diffs[:5]) + (f" and {len(diffs) - 5} more" if len(diffs) > 5 else "") or "formatting"
+def config_changes(diff: dict) -> str:
+    """'train.lr: 0.001 -> 0.0002, ...' for a (non-empty) ``config_diff``."""
+    diffs = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()]
+    return ", ".join(diffs[:5]) + (f" and {len(diffs) - 5} more" if len(diffs) > 5 else "")
 
 
 def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
@@ -76,8 +74,8 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     run's outputs go first (only what a run writes: other files in ``out`` are left alone); what a killed write
     left behind goes in any case."""
     saved = out / "run_config.yaml"
-    replaced = overwrite or (saved.is_file() and not same_config(saved_config(saved), config_text)
-                             and not (only_length_changed(saved_config(saved), config_text) and latest_checkpoint(out)))
+    diff = config_diff(saved_config(saved), config_text) if saved.is_file() else {}
+    replaced = overwrite or (bool(diff) and not (length_only(diff) and latest_checkpoint(out)))
     if saved.is_file() and replaced:  # replacing a run: its outputs go
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         for name in OUTPUTS:
