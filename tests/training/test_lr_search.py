@@ -107,6 +107,8 @@ def test_lr_auto_on_a_run_too_short_falls_back_with_a_note(tiny_dir, data_files,
                                            r"lr=0.0002"):
         res = train(_cfg(tiny_dir, data_files, tmp_path, "train.max_steps=6"), progress=False)
     assert res.lr == FALLBACK_LR
+    assert f"# chosen: train.lr: {FALLBACK_LR:g} (the run is too short to search)" in (
+        tmp_path / "run_config.yaml").read_text()
     assert json.loads((tmp_path / "lr_search.json").read_text())["candidates"] == []
 
 

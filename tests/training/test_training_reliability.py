@@ -101,6 +101,17 @@ def test_a_lora_default_given_is_the_same_run_and_a_change_reads_old_to_new(tiny
         train(_cfg(tiny_dir, data_files, tmp_path, "lora.r=8"), progress=False)
 
 
+def test_a_run_config_edited_into_invalid_yaml_is_named_and_overwrite_replaces_it(tiny_dir, data_files, tmp_path):
+    cfg = _cfg(tiny_dir, data_files, tmp_path)
+    train(cfg, progress=False)
+    saved = tmp_path / "run_config.yaml"
+    saved.write_text(saved.read_text() + "train: [unclosed\n")
+    with pytest.raises(TrainingError, match=r"run_config.yaml is not valid YAML .*pass --overwrite"):
+        train(cfg, progress=False)
+    train(cfg, overwrite=True, progress=False)
+    assert "unclosed" not in saved.read_text()
+
+
 def test_a_damaged_middle_metrics_line_is_named(tiny_dir, data_files, tmp_path):
     cfg = _cfg(tiny_dir, data_files, tmp_path, "train.save_every=1")
     train(cfg, progress=False, stop_after=2)

@@ -149,7 +149,8 @@ def train(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer=None, dat
     every = eval_every(tc, steps) if data.eval else 0
     chosen = {}  # what auto chose, said in run_config.yaml
     if search is not None:
-        chosen["train.lr"] = f"{tc.lr:g} (the search: lr_search.json)"
+        chosen["train.lr"] = f"{tc.lr:g} (" + ("the search: lr_search.json" if search.candidates
+                                             else "the run is too short to search") + ")"
     if tc.auto_epochs:
         chosen["train.epochs"] = f"{steps} steps ({steps / per_epoch:.3g} epochs)" + (
             f", an evaluation every {every}" if every else ", no eval rows: no evaluations")

@@ -7,6 +7,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+import yaml
+
 from ..errors import ConfigWarning
 from ..fsutil import writable_place, write_text
 from .checkpoints import (
@@ -74,7 +76,7 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
     run's outputs go first (only what a run writes: other files in ``out`` are left alone); what a killed write
     left behind goes in any case."""
     saved = out / "run_config.yaml"
-    diff = config_diff(saved_config(saved), config_text) if saved.is_file() else {}
+    diff = config_diff(saved_config(saved), config_text) if saved.is_file() and not overwrite else {}
     replaced = overwrite or (bool(diff) and not (length_only(diff) and latest_checkpoint(out)))
     if saved.is_file() and replaced:  # replacing a run: its outputs go
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -89,8 +91,15 @@ def claim_output_dir(out: Path, config_text: str, overwrite: bool) -> None:
 
 
 def saved_config(path: Path) -> str:
-    """A run's ``run_config.yaml`` as the run dumped it: without the comments that say what ``auto`` chose."""
-    return "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith(CHOSEN))
+    """A run's ``run_config.yaml`` as the run dumped it: without the comments that say what ``auto`` chose.
+    A file edited into invalid YAML is a TrainingError naming it."""
+    text = "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith(CHOSEN))
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TrainingError(f"{path} is not valid YAML ({getattr(e, 'problem', None) or e}); restore the config the "
+                            "run was made with, or pass --overwrite to start the run over") from None
+    return text
 
 
 def note_choices(out: Path, config_text: str, choices: dict[str, object]) -> None:
